@@ -1,0 +1,38 @@
+# Tangram developer commands. `make serve` and `make test` work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck serve bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check tangram tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+serve: $(STAMP)
+	@if $(BIN)/python -c "import tangram.cli" 2>/dev/null; then \
+		$(BIN)/tangram serve $(ARGS); \
+	else \
+		echo "tangram serve arrives with the HTTP issue; the broker core is importable as tangram.broker"; exit 1; \
+	fi
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_scheduler.py
+	$(BIN)/python benchmarks/bench_broker.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

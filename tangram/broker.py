@@ -1,0 +1,229 @@
+"""The live broker: an asyncio driver around the sans-I/O core.
+
+It turns grants into resolved futures for waiting callers, coalesces every change made
+during one event-loop iteration into a single scheduling round, and keeps one timer for
+the core's next deadline (a lease expiry or a quota refill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from tangram.config import Config
+from tangram.core.managers.base import Manager
+from tangram.core.policy import Policy
+from tangram.core.state import Core, Expiry, Grant
+from tangram.spec import Action, ActionCancelled, Lease, LeaseExpired, TangramError
+
+Listener = Callable[[str, Any], None]
+
+
+class Broker:
+    """Submit actions and await their leases; release, heartbeat, cancel, close."""
+
+    def __init__(
+        self,
+        pools: Mapping[str, Manager],
+        policy: Policy | None = None,
+        *,
+        lease_ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        id_prefix: str = "",
+    ) -> None:
+        self.core = Core(
+            pools, policy, lease_ttl=lease_ttl, cost_clock=time.perf_counter, id_prefix=id_prefix
+        )
+        self.clock = clock
+        self._waiters: dict[str, asyncio.Future[Lease]] = {}
+        self._round_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._held: set[str] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kw: Any) -> Broker:
+        return cls(cfg.build_pools(), cfg.build_policy(), lease_ttl=cfg.lease_ttl_seconds, **kw)
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(kind, obj)`` on grant, release, expire and cancel."""
+        self._listeners.append(listener)
+
+    def _emit(self, kind: str, obj: Any) -> None:
+        for fn in self._listeners:
+            fn(kind, obj)
+
+    # ------------------------------------------------------------------ operations
+    def submit_nowait(self, action: Action) -> asyncio.Future[Lease]:
+        """Queue the action (InvalidAction is raised here, nothing is queued) and return a
+        future that resolves to its lease."""
+        loop = asyncio.get_running_loop()
+        self.core.submit(action, self.clock())
+        fut: asyncio.Future[Lease] = loop.create_future()
+        self._waiters[action.id] = fut
+        self._kick()
+        return fut
+
+    async def acquire(self, action: Action, timeout: float | None = None) -> Lease:
+        """Submit and wait for the grant. On timeout or cancellation the action leaves the
+        queue, and a grant that raced with it is released: nothing leaks."""
+        fut = self.submit_nowait(action)
+        try:
+            if timeout is None:
+                return await asyncio.shield(fut)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException:
+            self._abandon(action.id, fut)
+            raise
+
+    def _abandon(self, action_id: str, fut: asyncio.Future[Lease]) -> None:
+        self._waiters.pop(action_id, None)
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release(fut.result().id, outcome="abandoned")
+        elif self.core.cancel(action_id, self.clock()) is not None:
+            self._emit("cancel", action_id)
+            self._kick()
+        if not fut.done():
+            fut.cancel()
+
+    def release(
+        self, lease_id: str, outcome: str = "ok", usage: dict[str, Any] | None = None
+    ) -> Lease:
+        self._held.discard(lease_id)
+        active = lease_id in self.core.leases
+        lease = self.core.release(lease_id, self.clock(), outcome, usage)
+        if active:
+            self._emit("release", lease)
+            self._kick()
+        return lease
+
+    def heartbeat(self, lease_id: str, ttl: float | None = None) -> float:
+        return self.core.heartbeat(lease_id, self.clock(), ttl)
+
+    def cancel(self, action_id: str) -> bool:
+        """Cancel a queued action; its waiter gets ActionCancelled. False if not queued."""
+        if self.core.cancel(action_id, self.clock()) is None:
+            return False
+        fut = self._waiters.pop(action_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(ActionCancelled(f"action {action_id!r} was cancelled"))
+        self._emit("cancel", action_id)
+        self._kick()
+        return True
+
+    def close_trajectory(self, trajectory: str) -> int:
+        """Free the trajectory's pinned memory; cancel its queued actions. Returns how
+        many were cancelled."""
+        cancelled = self.core.close_trajectory(trajectory, self.clock())
+        for c in cancelled:
+            fut = self._waiters.pop(c.action.id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ActionCancelled(f"trajectory {trajectory!r} was closed"))
+            self._emit("cancel", c.action.id)
+        self._kick()
+        return len(cancelled)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.core.snapshot(self.clock())
+
+    @asynccontextmanager
+    async def lease(self, action: Action, *, timeout: float | None = None) -> AsyncIterator[Lease]:
+        """``async with broker.lease(action) as lease:`` holds the units for the body and
+        releases them on exit, also on exceptions and cancellation. The lease is kept
+        alive (batched heartbeats) while the body runs."""
+        lease = await self.acquire(action, timeout)
+        self._hold(lease)
+        try:
+            yield lease
+        except BaseException:
+            # If it expired meanwhile, the body's own error matters more.
+            with contextlib.suppress(TangramError):
+                self.release(lease.id, outcome="error")
+            raise
+        else:
+            self.release(lease.id, outcome="ok")
+
+    # ------------------------------------------------------------------ the driver
+    def _kick(self) -> None:
+        """Run one round soon, once for everything that changed in this loop iteration."""
+        if not self._round_pending:
+            self._round_pending = True
+            asyncio.get_running_loop().call_soon(self._round)
+
+    def _round(self) -> None:
+        self._round_pending = False
+        now = self.clock()
+        for ev in self.core.step(now):
+            if isinstance(ev, Grant):
+                fut = self._waiters.pop(ev.action.id, None)
+                self._emit("grant", ev.lease)
+                if fut is None or fut.done():
+                    # Nobody waits any more (cancelled between rounds): give it back.
+                    self.core.release(ev.lease.id, now, "abandoned")
+                    self._emit("release", ev.lease)
+                    self._kick()
+                else:
+                    fut.set_result(ev.lease)
+            elif isinstance(ev, Expiry):
+                self._held.discard(ev.lease.id)
+                self._emit("expire", ev.lease)
+                self._kick()
+        self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        at = self.core.next_wakeup()
+        if at is None or (self._timer is not None and self._timer_at == at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - now), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._round()
+
+    # ------------------------------------------------------------------ batched keep-alive
+    def _hold(self, lease: Lease) -> None:
+        self._held.add(lease.id)
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        # One task heartbeats every lease held by a context manager, a third of the
+        # shortest TTL apart, instead of one timer per lease.
+        while self._held:
+            ttl = min(
+                (self.core.leases[i].ttl for i in self._held if i in self.core.leases),
+                default=self.core.lease_ttl,
+            )
+            await asyncio.sleep(ttl / 3)
+            now = self.clock()
+            for lid in list(self._held):
+                try:
+                    self.core.heartbeat(lid, now)
+                except LeaseExpired:
+                    self._held.discard(lid)
+                except TangramError:
+                    self._held.discard(lid)
+            self._arm(now)
+
+    async def close(self) -> None:
+        """Stop timers; fail every waiter. Leases stay as they are."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for aid, fut in list(self._waiters.items()):
+            if not fut.done():
+                fut.set_exception(ActionCancelled("broker closed"))
+            self.core.cancel(aid, self.clock())
+        self._waiters.clear()

@@ -1,0 +1,224 @@
+"""Pool configuration: the YAML format (see docs/configuration.md) and the managers it builds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tangram.core.managers.base import Manager
+from tangram.core.managers.cpu import CpuManager, CpuNode
+from tangram.core.managers.gpu import GpuManager, GpuNode, Service
+from tangram.core.managers.quota import QuotaManager
+from tangram.core.policy import Policy, parse_policy
+
+
+class ConfigError(ValueError):
+    """The configuration file is malformed; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CpuNodeConfig(_Strict):
+    name: str | None = None
+    count: int = Field(1, ge=1, description="replicate this node COUNT times (names get -0, -1...)")
+    cores: int | list[int] = Field(..., description="core count, or the exact core ids")
+    numa: int | list[list[int]] = Field(1, description="NUMA group count, or the ids per group")
+    memory_gb: float = Field(..., ge=0)
+
+    @field_validator("cores")
+    @classmethod
+    def _cores(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a node needs at least one core")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("core ids must be a non-empty list without repeats")
+        return v
+
+
+class CpuPoolConfig(_Strict):
+    kind: Literal["cpu"]
+    nodes: list[CpuNodeConfig] = Field(..., min_length=1)
+
+
+class GpuNodeConfig(_Strict):
+    name: str | None = None
+    count: int = Field(1, ge=1)
+    gpus: int = Field(8, ge=1)
+    memory_gb: float = Field(80.0, gt=0, description="memory per GPU")
+
+
+class ServiceConfig(_Strict):
+    memory_gb: float = Field(..., gt=0, description="the model's whole footprint")
+    restore_seconds: float = Field(..., ge=0)
+    parallelism: list[int] = Field([1], min_length=1)
+
+
+class GpuPoolConfig(_Strict):
+    kind: Literal["gpu"]
+    nodes: list[GpuNodeConfig] = Field(..., min_length=1)
+    services: dict[str, ServiceConfig] = Field(default_factory=dict)
+
+
+class WindowConfig(_Strict):
+    limit: int = Field(..., ge=1)
+    seconds: float = Field(..., gt=0)
+
+
+class RateConfig(_Strict):
+    per_second: float | None = Field(None, gt=0)
+    per_minute: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+
+
+class QuotaPoolConfig(_Strict):
+    kind: Literal["quota"]
+    concurrency: int | None = Field(None, ge=1)
+    window: WindowConfig | None = None
+    rate: RateConfig | None = None
+    tokens_per_minute: int | None = Field(None, ge=1)
+    default_tokens: int = Field(0, ge=0)
+
+
+PoolConfig = Annotated[CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig, Field(discriminator="kind")]
+
+
+class Config(_Strict):
+    policy: str = "tangram"
+    lease_ttl_seconds: float = Field(60.0, gt=0)
+    pools: dict[str, PoolConfig] = Field(..., min_length=1)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        parse_policy(v)
+        return v
+
+    def build_policy(self) -> Policy:
+        return parse_policy(self.policy)
+
+    def build_pools(self) -> dict[str, Manager]:
+        return {name: build_pool(name, p) for name, p in self.pools.items()}
+
+
+def _node_names(base: str | None, default: str, count: int) -> list[str]:
+    root = base or default
+    return [root] if count == 1 else [f"{root}-{i}" for i in range(count)]
+
+
+def build_pool(name: str, cfg: CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig) -> Manager:
+    if isinstance(cfg, CpuPoolConfig):
+        nodes: list[CpuNode] = []
+        for i, nc in enumerate(cfg.nodes):
+            for node_name in _node_names(nc.name, f"{name}{i}", nc.count):
+                ids = list(range(nc.cores)) if isinstance(nc.cores, int) else list(nc.cores)
+                if isinstance(nc.numa, int):
+                    if nc.numa < 1 or nc.numa > len(ids):
+                        raise ConfigError(f"pool {name}: numa must be 1..{len(ids)}")
+                    per = -(-len(ids) // nc.numa)
+                    groups = [ids[g * per : (g + 1) * per] for g in range(nc.numa)]
+                    groups = [g for g in groups if g]
+                else:
+                    groups = [list(g) for g in nc.numa]
+                    flat = sorted(c for g in groups for c in g)
+                    if flat != sorted(ids):
+                        raise ConfigError(
+                            f"pool {name}, node {node_name}: NUMA groups must cover each core "
+                            "id exactly once"
+                        )
+                nodes.append(CpuNode(node_name, groups, nc.memory_gb))
+        _unique(name, [n.name for n in nodes])
+        return CpuManager(name, nodes)
+    if isinstance(cfg, GpuPoolConfig):
+        gnodes: list[GpuNode] = []
+        for i, gc in enumerate(cfg.nodes):
+            if gc.gpus & (gc.gpus - 1):
+                raise ConfigError(f"pool {name}: gpus per node must be a power of two")
+            for node_name in _node_names(gc.name, f"{name}{i}", gc.count):
+                gnodes.append(GpuNode(node_name, gc.gpus, gc.memory_gb))
+        _unique(name, [n.name for n in gnodes])
+        services = [
+            Service(s, sc.memory_gb, sc.restore_seconds, tuple(sorted(set(sc.parallelism))))
+            for s, sc in cfg.services.items()
+        ]
+        return GpuManager(name, gnodes, services)
+    rate = None
+    burst = None
+    if cfg.rate is not None:
+        if (cfg.rate.per_second is None) == (cfg.rate.per_minute is None):
+            raise ConfigError(f"pool {name}: rate needs exactly one of per_second, per_minute")
+        rate = cfg.rate.per_second or (cfg.rate.per_minute or 0) / 60.0
+        burst = cfg.rate.burst
+    return QuotaManager(
+        name,
+        concurrency=cfg.concurrency,
+        window_limit=cfg.window.limit if cfg.window else None,
+        window_seconds=cfg.window.seconds if cfg.window else None,
+        rate_per_second=rate,
+        burst=burst,
+        tokens_per_minute=cfg.tokens_per_minute,
+        default_tokens=cfg.default_tokens,
+    )
+
+
+def _unique(pool: str, names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        raise ConfigError(f"pool {pool}: node names must be unique, got {names}")
+
+
+def parse_config(data: Any) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            lines.append(f"{where}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data)
+
+
+def default_config() -> Config:
+    """Embedded defaults that work on a laptop: this machine's cores and memory as one
+    CPU node, and an example API quota pool."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        mem = 8.0
+    data: dict[str, Any] = {
+        "pools": {
+            "cpu": {
+                "kind": "cpu",
+                "nodes": [
+                    {
+                        "name": "local",
+                        "cores": sorted(os.sched_getaffinity(0))
+                        if hasattr(os, "sched_getaffinity")
+                        else (cores or 1),
+                        "memory_gb": mem,
+                    }
+                ],
+            },
+            "api": {
+                "kind": "quota",
+                "concurrency": 16,
+                "rate": {"per_minute": 600, "burst": 10},
+            },
+        }
+    }
+    return parse_config(data)

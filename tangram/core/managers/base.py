@@ -1,0 +1,158 @@
+"""The one interface every resource manager implements, and the DP operators.
+
+A manager owns the units of one pool (cores, GPU chunks, API permits). The scheduler
+never looks inside: per round it opens a scratch (a cheap tentative copy of the free
+state), asks it whether minimum amounts fit, asks it for a DP operator per partition,
+then commits the decisions with ``allocate``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+from tangram.spec import Action, Allocation, Demand
+
+
+class Operator(ABC):
+    """The topology of one partition's free units, as the allocation DP sees it."""
+
+    @abstractmethod
+    def start(self) -> Hashable:
+        """The free state before any candidate takes units."""
+
+    @abstractmethod
+    def take(self, state: Any, k: int) -> Any | None:
+        """The state after one more candidate takes k units, or None when it cannot."""
+
+
+class CountOperator(Operator):
+    """Interchangeable units: the state is the number of free units."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def start(self) -> int:
+        return self.free
+
+    def take(self, state: int, k: int) -> int | None:
+        return state - k if state >= k else None
+
+
+class Scratch(ABC):
+    """A tentative copy of a pool's free state for one scheduling round.
+
+    It also tracks FCFS blocking: once an action that needs this pool waits, later
+    actions that would compete for the same units wait behind it.
+    """
+
+    @abstractmethod
+    def fit(self, action: Action, amount: int) -> Hashable | None:
+        """Reserve ``amount`` tentatively; return the partition used, or None if it does not fit."""
+
+    @abstractmethod
+    def unfit(self, action: Action, amount: int, part: Hashable) -> None:
+        """Undo a tentative reservation made by ``fit``."""
+
+    @abstractmethod
+    def blocked(self, action: Action) -> bool:
+        """Whether an earlier waiting action stands in front of this one here."""
+
+    @abstractmethod
+    def block(self, action: Action) -> None:
+        """Record that ``action`` waits, so later competitors wait behind it."""
+
+    @property
+    @abstractmethod
+    def saturated(self) -> bool:
+        """Whether no later action can be admitted here this round."""
+
+    @abstractmethod
+    def operator(self, part: Hashable, group: set[str]) -> Operator:
+        """The DP operator of ``part``: its free state with every tentative reservation
+        applied except the key reservations of the actions in ``group``."""
+
+    def partition_of(self, action: Action) -> Hashable | None:
+        """The partition a waiting action will use, when it is already known."""
+        return None
+
+
+class Manager(ABC):
+    """One pool of units behind the interface the scheduler uses."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # Unit-seconds busy and idle per node, integrated up to self._last.
+        self.busy_seconds: dict[str, float] = {}
+        self.idle_seconds: dict[str, float] = {}
+        self._last: float | None = None
+
+    # ---- validation -----------------------------------------------------------------
+    @abstractmethod
+    def feasible(self, action: Action, demand: Demand) -> tuple[int, ...]:
+        """The amounts this pool could ever grant for ``demand``, ascending; raise
+        InvalidAction with a message that says what would fit when there are none."""
+
+    # ---- a round ----------------------------------------------------------------------
+    @abstractmethod
+    def begin_round(self, now: float) -> Scratch: ...
+
+    @abstractmethod
+    def allocate(
+        self, action: Action, amount: int, part: Hashable, now: float
+    ) -> Allocation | None:
+        """Take exact units; None if they are not there (the caller then defers)."""
+
+    @abstractmethod
+    def release(
+        self, action: Action, alloc: Allocation, now: float, usage: dict[str, Any] | None
+    ) -> None: ...
+
+    def extra_cost(self, action: Action, amount: int) -> float:
+        """Time the action pays on top of its duration with ``amount`` units (GPU restore)."""
+        return 0.0
+
+    def ready_at(self, action: Action, amount: int, now: float) -> float | None:
+        """When time alone (a refilling quota) could let ``amount`` fit; None if only a
+        release can."""
+        return None
+
+    def close_trajectory(self, trajectory: str) -> None:
+        """Forget what the trajectory holds between actions (pins, reserved memory)."""
+
+    # ---- capacity and accounting ------------------------------------------------------
+    @abstractmethod
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Per node: (capacity, units in use). A pool without a bounded capacity
+        reports capacity 0."""
+
+    def tick(self, now: float) -> None:
+        """Integrate busy and idle unit-seconds up to ``now``; call before usage changes."""
+        last = self._last
+        self._last = now
+        if last is None or now <= last:
+            return
+        dt = now - last
+        busy, idle = self.busy_seconds, self.idle_seconds
+        for node, (cap, used) in self.usage().items():
+            busy[node] = busy.get(node, 0.0) + used * dt
+            if cap:
+                idle[node] = idle.get(node, 0.0) + (cap - used) * dt
+
+    def topology(self) -> dict[str, Any]:
+        return {}
+
+    def snapshot(self) -> dict[str, Any]:
+        use = self.usage()
+        return {
+            "kind": self.kind,
+            "capacity": sum(c for c, _ in use.values()),
+            "in_use": sum(u for _, u in use.values()),
+            "nodes": {n: {"capacity": c, "in_use": u} for n, (c, u) in use.items()},
+            "busy_unit_seconds": sum(self.busy_seconds.values()),
+            "idle_unit_seconds": sum(self.idle_seconds.values()),
+            "topology": self.topology(),
+        }

@@ -1,0 +1,347 @@
+"""The GPU manager: buddy chunks, at most one action per GPU, a per-GPU service cache.
+
+GPUs are handed out as aligned chunks of 1, 2, 4, 8... GPUs inside one node: to get k GPUs
+take the smallest free chunk of size >= k, splitting larger ones buddy-style, and among
+equal chunks prefer one where the service (at that parallelism) is already resident.
+A service that is not resident is restored from its host copy, evicting the least
+recently used residents of each GPU until it fits; nothing is written back.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tangram.core.managers.base import Manager, Operator, Scratch
+from tangram.spec import Action, Allocation, Demand, InvalidAction
+
+Variant = tuple[str, int]  # (service, parallelism)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    memory_gb: float  # the whole model's footprint; a variant over k GPUs needs memory_gb / k each
+    restore_seconds: float
+    parallelism: tuple[int, ...] = (1,)
+
+    def footprint(self, k: int) -> float:
+        return self.memory_gb / k
+
+
+@dataclass(slots=True)
+class GpuNode:
+    name: str
+    gpus: int
+    memory_gb: float  # per GPU
+
+
+def sizes_up_to(n: int) -> tuple[int, ...]:
+    out, s = [], 1
+    while s <= n:
+        out.append(s)
+        s *= 2
+    return tuple(out)
+
+
+def take_chunk(counts: tuple[int, ...], k: int) -> tuple[int, ...] | None:
+    """Buddy best fit on free-chunk counts (index i counts chunks of 2**i GPUs)."""
+    i = k.bit_length() - 1
+    for s in range(i, len(counts)):
+        if counts[s]:
+            out = list(counts)
+            out[s] -= 1
+            for t in range(i, s):  # splitting 2**s leaves one free chunk of each 2**t
+                out[t] += 1
+            return tuple(out)
+    return None
+
+
+class ChunkOperator(Operator):
+    """The paper's GPU operator: the state is the count of free chunks per size."""
+
+    def __init__(self, counts: tuple[int, ...]) -> None:
+        self.counts = counts
+
+    def start(self) -> tuple[int, ...]:
+        return self.counts
+
+    def take(self, state: tuple[int, ...], k: int) -> tuple[int, ...] | None:
+        return take_chunk(state, k)
+
+
+class GpuManager(Manager):
+    kind = "gpu"
+
+    def __init__(
+        self, name: str, nodes: Sequence[GpuNode], services: Sequence[Service] = ()
+    ) -> None:
+        super().__init__(name)
+        if not nodes:
+            raise ValueError(f"gpu pool {name!r} needs at least one node")
+        self.nodes = {n.name: n for n in nodes}
+        for n in nodes:
+            if n.gpus & (n.gpus - 1):
+                raise ValueError(f"gpu node {n.name!r}: GPUs per node must be a power of two")
+        self.services = {s.name: s for s in services}
+        self.node_gpus = max(n.gpus for n in nodes)
+        self.sizes = sizes_up_to(self.node_gpus)
+        # node -> size -> free chunk starts
+        self.free: dict[str, dict[int, set[int]]] = {
+            n.name: {s: set() for s in self.sizes} for n in nodes
+        }
+        for n in nodes:
+            self.free[n.name][n.gpus].add(0)
+        self.busy: dict[str, list[bool]] = {n.name: [False] * n.gpus for n in nodes}
+        # Per GPU: resident (service, k, chunk start) in LRU order with footprint.
+        self.cache: dict[str, list[OrderedDict[tuple[str, int, int], float]]] = {
+            n.name: [OrderedDict() for _ in range(n.gpus)] for n in nodes
+        }
+        self.mem_used: dict[str, list[float]] = {n.name: [0.0] * n.gpus for n in nodes}
+        self.resident: dict[Variant, set[tuple[str, int]]] = {}
+        self.in_use = 0
+        self.restores = 0
+        self.evictions = 0
+        self.cache_hits = 0
+        self.restore_seconds_total = 0.0
+
+    # ---- validation -----------------------------------------------------------------
+    def feasible(self, action: Action, demand: Demand) -> tuple[int, ...]:
+        amounts = demand.amounts()
+        sizes = set(self.sizes)
+        ok = tuple(a for a in amounts if a in sizes)
+        if not ok:
+            raise InvalidAction(
+                f"demand {self.name}={demand.to_wire()} can never fit: GPUs are granted in "
+                f"aligned chunks of {', '.join(map(str, self.sizes))} inside one node"
+            )
+        if action.service is not None:
+            svc = self.services.get(action.service)
+            if svc is None:
+                known = ", ".join(sorted(self.services)) or "none"
+                raise InvalidAction(
+                    f"service {action.service!r} is unknown to GPU pool {self.name!r}; "
+                    f"known services: {known}"
+                )
+            allowed = tuple(a for a in ok if a in svc.parallelism)
+            if not allowed:
+                raise InvalidAction(
+                    f"service {svc.name!r} runs with {list(svc.parallelism)} GPUs but the "
+                    f"demand {self.name}={demand.to_wire()} allows {list(ok)}"
+                )
+            mem = min(n.memory_gb for n in self.nodes.values())
+            fitting = tuple(a for a in allowed if svc.footprint(a) <= mem)
+            if not fitting:
+                raise InvalidAction(
+                    f"service {svc.name!r} needs {svc.footprint(allowed[-1]):g} GB per GPU "
+                    f"with {allowed[-1]} GPUs but GPUs of pool {self.name!r} have {mem:g} GB"
+                )
+            ok = fitting
+        return ok
+
+    # ---- the cache ----------------------------------------------------------------------
+    def _chunk_free(self, node: str, start: int, k: int) -> bool:
+        busy = self.busy[node]
+        return not any(busy[start : start + k])
+
+    def is_resident(self, service: str, k: int, node: str, start: int) -> bool:
+        return (node, start) in self.resident.get((service, k), ())
+
+    def extra_cost(self, action: Action, amount: int) -> float:
+        if action.service is None:
+            return 0.0
+        for node, start in self.resident.get((action.service, amount), ()):
+            if self._chunk_free(node, start, amount):
+                return 0.0
+        return self.services[action.service].restore_seconds
+
+    def observe_restore(self, service: str, seconds: float) -> None:
+        """Feed a measured restore time back into the cost model (moving average)."""
+        svc = self.services[service]
+        self.restore_seconds_total += seconds
+        new = 0.8 * svc.restore_seconds + 0.2 * seconds
+        self.services[service] = Service(svc.name, svc.memory_gb, new, svc.parallelism)
+
+    def _evict(self, node: str, entry: tuple[str, int, int]) -> None:
+        service, k, start = entry
+        for g in range(start, start + k):
+            fp = self.cache[node][g].pop(entry, None)
+            if fp is not None:
+                self.mem_used[node][g] -= fp
+        self.resident.get((service, k), set()).discard((node, start))
+        self.evictions += 1
+
+    def _place(self, svc: Service, k: int, node: str, start: int) -> tuple[bool, list[str]]:
+        """Make the variant resident on the chunk; return (restore needed, evicted names)."""
+        entry = (svc.name, k, start)
+        caches = self.cache[node]
+        if self.is_resident(svc.name, k, node, start):
+            for g in range(start, start + k):
+                caches[g].move_to_end(entry)
+            self.cache_hits += 1
+            return False, []
+        fp = svc.footprint(k)
+        cap = self.nodes[node].memory_gb
+        evicted: list[str] = []
+        for g in range(start, start + k):
+            while self.mem_used[node][g] + fp > cap + 1e-9 and caches[g]:
+                victim = next(iter(caches[g]))
+                self._evict(node, victim)
+                evicted.append(f"{victim[0]}/tp{victim[1]}@{node}:{victim[2]}")
+        for g in range(start, start + k):
+            caches[g][entry] = fp
+            self.mem_used[node][g] += fp
+        self.resident.setdefault((svc.name, k), set()).add((node, start))
+        self.restores += 1
+        return True, evicted
+
+    # ---- a round ----------------------------------------------------------------------
+    def counts(self) -> tuple[int, ...]:
+        out = [0] * len(self.sizes)
+        for chunks in self.free.values():
+            for i, s in enumerate(self.sizes):
+                out[i] += len(chunks[s])
+        return tuple(out)
+
+    def begin_round(self, now: float) -> Scratch:
+        return _GpuScratch(self.counts())
+
+    def allocate(
+        self, action: Action, amount: int, part: Hashable, now: float
+    ) -> Allocation | None:
+        size = next(
+            (s for s in self.sizes if s >= amount and any(self.free[n][s] for n in self.free)), None
+        )
+        if size is None:
+            return None
+        svc = self.services.get(action.service) if action.service else None
+        # Among the equal (smallest sufficient) chunks and their aligned sub-chunks of the
+        # wanted size, prefer one where the service is resident, then the lowest position.
+        best: tuple[int, int, int, int, str] | None = None
+        for n_i, (node_name, chunks) in enumerate(self.free.items()):
+            for first in chunks[size]:
+                for sub in range(first, first + size, amount):
+                    warm = svc is not None and self.is_resident(svc.name, amount, node_name, sub)
+                    rank = (0 if warm else 1, n_i, first, sub, node_name)
+                    if best is None or rank < best:
+                        best = rank
+        assert best is not None
+        node, start, sub = best[4], best[2], best[3]
+        self.tick(now)
+        chunks = self.free[node]
+        chunks[size].discard(start)
+        s = size
+        while s > amount:  # split, keeping the half that holds ``sub``
+            s //= 2
+            lo, hi = start, start + s
+            if sub >= hi:
+                chunks[s].add(lo)
+                start = hi
+            else:
+                chunks[s].add(hi)
+        busy = self.busy[node]
+        for g in range(sub, sub + amount):
+            busy[g] = True
+        self.in_use += amount
+        restore, evicted = False, list[str]()
+        if svc is not None:
+            restore, evicted = self._place(svc, amount, node, sub)
+            if restore:
+                self.restore_seconds_total += svc.restore_seconds
+        return Allocation(
+            amount=amount,
+            node=node,
+            units=tuple(range(sub, sub + amount)),
+            restore=restore,
+            evicts=tuple(evicted),
+        )
+
+    def release(
+        self, action: Action, alloc: Allocation, now: float, usage: dict[str, Any] | None
+    ) -> None:
+        assert alloc.node is not None
+        self.tick(now)
+        node, start, size = alloc.node, alloc.units[0], alloc.amount
+        busy = self.busy[node]
+        for g in alloc.units:
+            busy[g] = False
+        self.in_use -= size
+        chunks = self.free[node]
+        top = self.nodes[node].gpus
+        while size < top:  # coalesce with the buddy while it is free
+            buddy = start ^ size
+            if buddy in chunks[size]:
+                chunks[size].discard(buddy)
+                start = min(start, buddy)
+                size *= 2
+            else:
+                break
+        chunks[size].add(start)
+
+    # ---- capacity ---------------------------------------------------------------------
+    def usage(self) -> dict[str, tuple[int, int]]:
+        return {n: (self.nodes[n].gpus, sum(b)) for n, b in self.busy.items()}
+
+    def topology(self) -> dict[str, Any]:
+        return {
+            n: {
+                "gpus": node.gpus,
+                "memory_gb": node.memory_gb,
+                "free_chunks": {str(s): sorted(self.free[n][s]) for s in self.sizes},
+                "resident": [sorted({f"{e[0]}/tp{e[1]}@{e[2]}" for e in c}) for c in self.cache[n]],
+            }
+            for n, node in self.nodes.items()
+        }
+
+
+class _GpuScratch(Scratch):
+    """Free chunk counts for one round; one partition (the whole pool)."""
+
+    __slots__ = ("_blocked", "counts", "start", "takes")
+
+    def __init__(self, counts: tuple[int, ...]) -> None:
+        self.start = counts
+        self.counts = counts
+        self.takes: list[tuple[str, int]] = []
+        self._blocked = False
+
+    def fit(self, action: Action, amount: int) -> Hashable | None:
+        nxt = take_chunk(self.counts, amount)
+        if nxt is None:
+            return None
+        self.counts = nxt
+        self.takes.append((action.id, amount))
+        return ""
+
+    def unfit(self, action: Action, amount: int, part: Hashable) -> None:
+        self.takes = [t for t in self.takes if t[0] != action.id]
+        counts: tuple[int, ...] | None = self.start
+        for _, k in self.takes:
+            assert counts is not None
+            counts = take_chunk(counts, k)
+        assert counts is not None
+        self.counts = counts
+
+    def blocked(self, action: Action) -> bool:
+        return self._blocked
+
+    def block(self, action: Action) -> None:
+        self._blocked = True
+
+    @property
+    def saturated(self) -> bool:
+        return self._blocked
+
+    def partition_of(self, action: Action) -> Hashable | None:
+        return ""
+
+    def operator(self, part: Hashable, group: set[str]) -> Operator:
+        counts: tuple[int, ...] | None = self.start
+        for aid, k in self.takes:
+            if aid not in group:
+                assert counts is not None
+                counts = take_chunk(counts, k)
+        assert counts is not None
+        return ChunkOperator(counts)

@@ -1,0 +1,559 @@
+"""The sans-I/O broker core: the unified action queue, scheduling rounds, leases, expiry.
+
+Events go in as method calls that carry ``now`` (submit, release, heartbeat, cancel,
+close a trajectory, expire, schedule); decisions come out as return values (grants with
+exact units, expiries, cancellations). The core never reads a clock of its own (the
+optional ``cost_clock`` only measures how long a round took, for the overhead figure),
+never awaits and never does I/O, so the live broker and the simulator drive the very
+same code.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tangram.core.arrange import Candidate, Waiting, solve, waiting_cost
+from tangram.core.managers.base import CountOperator, Manager, Scratch
+from tangram.core.managers.gpu import GpuManager
+from tangram.core.policy import Policy
+from tangram.spec import (
+    Action,
+    Allocation,
+    InvalidAction,
+    Lease,
+    LeaseExpired,
+    LeaseReleased,
+    UnknownLease,
+)
+
+ENDED_KEPT = 100_000  # ended leases remembered for idempotent release and clear errors
+
+
+@dataclass(slots=True)
+class Grant:
+    action: Action
+    lease: Lease
+
+
+@dataclass(slots=True)
+class Expiry:
+    lease: Lease
+
+
+@dataclass(slots=True)
+class Cancellation:
+    action: Action
+    reason: str
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A queued action with the amounts each of its pools could ever grant."""
+
+    action: Action
+    feasible: dict[str, tuple[int, ...]]
+
+
+@dataclass(slots=True)
+class _Admitted:
+    entry: _Entry
+    amounts: dict[str, int]
+    parts: dict[str, Hashable] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RoundStats:
+    rounds: int = 0
+    candidates: int = 0
+    deferred: int = 0
+    seconds: float = 0.0
+    last_seconds: float = 0.0
+    last_candidates: int = 0
+
+
+class Core:
+    def __init__(
+        self,
+        pools: Mapping[str, Manager],
+        policy: Policy | None = None,
+        *,
+        lease_ttl: float = 60.0,
+        cost_clock: Callable[[], float] | None = None,
+        id_prefix: str = "",
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive")
+        self.pools = dict(pools)
+        self.policy = policy or Policy()
+        self.lease_ttl = lease_ttl
+        self._cost_clock = cost_clock
+        self._prefix = id_prefix
+        self._queue: dict[str, _Entry] = {}
+        self._queued_pools: Counter[str] = Counter()
+        self.leases: dict[str, Lease] = {}
+        self.ended: OrderedDict[str, Lease] = OrderedDict()
+        self._expiry: list[tuple[float, str]] = []
+        self._ready_at: float | None = None
+        self._seq = 0
+        self.fencing = 0
+        self.stats = RoundStats()
+        self.counts: Counter[str] = Counter()  # submitted, granted, released, expired, ...
+
+    # ------------------------------------------------------------------ submission
+    def validate(self, action: Action) -> dict[str, tuple[int, ...]]:
+        """Check an action against the pools; return the feasible amounts per pool.
+
+        Raises InvalidAction saying what is wrong and what would fit."""
+        if not action.trajectory or not isinstance(action.trajectory, str):
+            raise InvalidAction("an action needs a trajectory id (a non-empty string)")
+        if not action.demands:
+            raise InvalidAction(
+                "an action must demand at least one pool; pools: " + ", ".join(self.pools)
+            )
+        for pool, demand in action.demands.items():
+            if pool not in self.pools:
+                raise InvalidAction(
+                    f"unknown pool {pool!r}; this broker has: " + ", ".join(sorted(self.pools))
+                )
+            demand.check_shape(pool)
+        if action.key is None:
+            elastic = [p for p, d in action.demands.items() if d.elastic]
+            if len(elastic) == 1:
+                action.key = elastic[0]
+        elif action.key not in action.demands:
+            raise InvalidAction(
+                f"key resource {action.key!r} is not among the demands "
+                f"({', '.join(action.demands)}); name one of them or leave key out"
+            )
+        if action.duration is not None and not (
+            math.isfinite(action.duration) and action.duration >= 0
+        ):
+            raise InvalidAction(f"duration must be a non-negative number, got {action.duration}")
+        if action.tokens is not None and action.tokens < 0:
+            raise InvalidAction(f"tokens must not be negative, got {action.tokens}")
+        if action.ttl is not None and not (math.isfinite(action.ttl) and action.ttl > 0):
+            raise InvalidAction(f"ttl must be a positive number of seconds, got {action.ttl}")
+        if action.service is not None:
+            gpu_pools = [p for p in action.demands if isinstance(self.pools[p], GpuManager)]
+            if not gpu_pools:
+                knowing = [
+                    n
+                    for n, m in self.pools.items()
+                    if isinstance(m, GpuManager) and action.service in m.services
+                ]
+                hint = (
+                    f"demand GPUs from {', '.join(knowing)}" if knowing else "no GPU pool knows it"
+                )
+                raise InvalidAction(f"service {action.service!r} needs a GPU demand; {hint}")
+        return {p: self.pools[p].feasible(action, d) for p, d in action.demands.items()}
+
+    def submit(self, action: Action, now: float) -> Action:
+        """Queue a valid action (an id is assigned if it has none); raise InvalidAction."""
+        feasible = self.validate(action)
+        self._seq += 1
+        if not action.id:
+            action.id = f"{self._prefix}a{self._seq}"
+        elif action.id in self._queue or any(
+            lease.action.id == action.id for lease in self.leases.values()
+        ):
+            raise InvalidAction(f"action id {action.id!r} is already in use")
+        action.seq = self._seq
+        action.submitted_at = now
+        self._queue[action.id] = _Entry(action, feasible)
+        self._queued_pools.update(action.demands.keys())
+        self.counts["submitted"] += 1
+        return action
+
+    def _dequeue(self, entry: _Entry) -> None:
+        del self._queue[entry.action.id]
+        self._queued_pools.subtract(entry.action.demands.keys())
+
+    def cancel(self, action_id: str, now: float) -> Action | None:
+        """Remove a queued action; None if it is not queued (granted, ended or unknown)."""
+        entry = self._queue.get(action_id)
+        if entry is None:
+            return None
+        self._dequeue(entry)
+        self.counts["cancelled"] += 1
+        return entry.action
+
+    def close_trajectory(self, trajectory: str, now: float) -> list[Cancellation]:
+        """Free what the trajectory holds between actions and cancel its queued actions."""
+        for mgr in self.pools.values():
+            mgr.tick(now)
+            mgr.close_trajectory(trajectory)
+        out = []
+        for entry in [e for e in self._queue.values() if e.action.trajectory == trajectory]:
+            self._dequeue(entry)
+            self.counts["cancelled"] += 1
+            out.append(Cancellation(entry.action, "trajectory closed"))
+        return out
+
+    def queued(self) -> Iterable[Action]:
+        return (e.action for e in self._queue.values())
+
+    def is_queued(self, action_id: str) -> bool:
+        return action_id in self._queue
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ leases
+    def lease(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id) or self.ended.get(lease_id)
+        if lease is None:
+            raise UnknownLease(f"no lease {lease_id!r}")
+        return lease
+
+    def release(
+        self,
+        lease_id: str,
+        now: float,
+        outcome: str = "ok",
+        usage: dict[str, Any] | None = None,
+    ) -> Lease:
+        """Return the lease's units. Releasing twice is not an error; releasing a lease
+        that expired raises LeaseExpired."""
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            ended = self.ended.get(lease_id)
+            if ended is None:
+                raise UnknownLease(f"no lease {lease_id!r}")
+            if ended.state == "expired":
+                raise LeaseExpired(
+                    f"lease {lease_id!r} expired at {ended.expires_at:.3f} (no heartbeat "
+                    f"within its {ended.ttl:g} s TTL); its units were taken back"
+                )
+            return ended
+        self._free(lease, now, usage)
+        lease.state = "released"
+        lease.outcome = outcome
+        self.counts["released"] += 1
+        return lease
+
+    def heartbeat(self, lease_id: str, now: float, ttl: float | None = None) -> float:
+        """Extend an active lease's TTL from now; return the new expiry time."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.expires_at <= now:
+            ended = self.ended.get(lease_id)
+            if lease is not None or (ended is not None and ended.state == "expired"):
+                t = (lease or ended).expires_at  # type: ignore[union-attr]
+                raise LeaseExpired(f"lease {lease_id!r} expired at {t:.3f}")
+            if ended is not None:
+                raise LeaseReleased(f"lease {lease_id!r} was already released")
+            raise UnknownLease(f"no lease {lease_id!r}")
+        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+            raise InvalidAction(f"ttl must be a positive number of seconds, got {ttl}")
+        lease.ttl = ttl or lease.ttl
+        lease.expires_at = now + lease.ttl
+        heapq.heappush(self._expiry, (lease.expires_at, lease_id))
+        return lease.expires_at
+
+    def expire(self, now: float) -> list[Expiry]:
+        """Take back the units of every lease whose TTL ran out by ``now``."""
+        out: list[Expiry] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, lid = heapq.heappop(heap)
+            lease = self.leases.get(lid)
+            if lease is None or lease.expires_at > now:
+                continue  # released already, or extended by a heartbeat (stale entry)
+            del self.leases[lid]
+            self._free(lease, now, None)
+            lease.state = "expired"
+            lease.outcome = "expired"
+            self.counts["expired"] += 1
+            out.append(Expiry(lease))
+        return out
+
+    def _free(self, lease: Lease, now: float, usage: dict[str, Any] | None) -> None:
+        for pool, alloc in lease.allocation.items():
+            self.pools[pool].release(lease.action, alloc, now, usage)
+        lease.ended_at = now
+        self.ended[lease.id] = lease
+        if len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time at which time alone changes something (an expiry, a quota
+        refill that may admit a waiting action)."""
+        heap = self._expiry
+        while heap and (
+            heap[0][1] not in self.leases or self.leases[heap[0][1]].expires_at != heap[0][0]
+        ):
+            heapq.heappop(heap)
+        t = heap[0][0] if heap else None
+        if self._ready_at is not None and (t is None or self._ready_at < t):
+            return self._ready_at
+        return t
+
+    def step(self, now: float) -> list[Grant | Expiry]:
+        """Expire what is due, then run a scheduling round."""
+        events: list[Grant | Expiry] = list(self.expire(now))
+        events.extend(self.schedule(now))
+        return events
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self, now: float) -> list[Grant]:
+        """One scheduling round: FCFS admission at minimum, elastic arrangement per key
+        partition (tangram policy), then exact allocation. Returns the grants."""
+        self._ready_at = None
+        if not self._queue:
+            return []
+        clock = self._cost_clock
+        t0 = clock() if clock is not None else 0.0
+        policy = self.policy
+        scratches: dict[str, Scratch] = {}
+        admitted: list[_Admitted] = []
+        waiting: list[_Entry] = []
+        active = {p for p, n in self._queued_pools.items() if n > 0}
+        saturated: set[str] = set()
+        firsts: list[tuple[str, _Entry]] = []  # the first waiter of each pool
+        look = policy.lookahead if policy.elastic else 0
+        for entry in self._queue.values():
+            if len(saturated) == len(active):
+                # Nothing more can be admitted; the tangram estimate still wants to know
+                # who waits next.
+                if look <= 0:
+                    break
+                look -= 1
+                waiting.append(entry)
+                continue
+            action = entry.action
+            scrs = []
+            for p in action.demands:
+                s = scratches.get(p)
+                if s is None:
+                    s = scratches[p] = self.pools[p].begin_round(now)
+                scrs.append((p, s))
+            if any(s.blocked(action) for _, s in scrs):
+                self._block(entry, scrs, saturated, firsts)
+                waiting.append(entry)
+                continue
+            adm = _Admitted(entry, {})
+            key = action.key
+            ok = True
+            for p, s in scrs:
+                amount = policy.key_amount(entry.feasible[p]) if p == key else entry.feasible[p][0]
+                part = s.fit(action, amount)
+                if part is None:
+                    ok = False
+                    break
+                adm.amounts[p] = amount
+                adm.parts[p] = part
+            if ok:
+                admitted.append(adm)
+            else:
+                for p, amount in adm.amounts.items():
+                    scratches[p].unfit(action, amount, adm.parts[p])
+                self._block(entry, scrs, saturated, firsts)
+                waiting.append(entry)
+
+        deferred: set[str] = set()
+        if policy.elastic and admitted:
+            self._arrange(admitted, waiting, scratches, now, deferred)
+        if deferred:
+            # No later action may overtake a deferred one on the units it competes for.
+            held: set[tuple[str, Hashable]] = set()
+            for adm in admitted:
+                keys = [(p, adm.parts[p]) for p in adm.amounts]
+                if adm.entry.action.id in deferred or any(k in held for k in keys):
+                    deferred.add(adm.entry.action.id)
+                    held.update(keys)
+
+        grants: list[Grant] = []
+        for adm in admitted:
+            action = adm.entry.action
+            if action.id in deferred:
+                continue
+            alloc: dict[str, Allocation] = {}
+            order = sorted(adm.amounts, key=lambda p: p == action.key)
+            for p in order:
+                got = self.pools[p].allocate(action, adm.amounts[p], adm.parts[p], now)
+                if got is None:
+                    break
+                alloc[p] = got
+            if len(alloc) != len(order):
+                for p, got in alloc.items():  # roll back; it stays queued
+                    self.pools[p].release(action, got, now, None)
+                continue
+            grants.append(Grant(action, self._grant(adm.entry, alloc, now)))
+
+        for p, entry in firsts:
+            # When could a refilling quota admit the pool's first waiter (after this
+            # round's grants took their share)?
+            if entry.action.id in self._queue:
+                t = self.pools[p].ready_at(entry.action, entry.feasible[p][0], now)
+                if t is not None and (self._ready_at is None or t < self._ready_at):
+                    self._ready_at = t
+
+        st = self.stats
+        st.rounds += 1
+        st.candidates += len(admitted)
+        st.last_candidates = len(admitted)
+        st.deferred += len(deferred)
+        if clock is not None:
+            cost = clock() - t0
+            st.seconds += cost
+            st.last_seconds = cost
+            for g in grants:
+                g.lease.overhead = cost
+        return grants
+
+    def _block(
+        self,
+        entry: _Entry,
+        scrs: list[tuple[str, Scratch]],
+        saturated: set[str],
+        firsts: list[tuple[str, _Entry]],
+    ) -> None:
+        action = entry.action
+        for p, s in scrs:
+            if p in saturated:
+                continue
+            if not s.blocked(action):
+                firsts.append((p, entry))
+            s.block(action)
+            if s.saturated:
+                saturated.add(p)
+
+    def _grant(self, entry: _Entry, alloc: dict[str, Allocation], now: float) -> Lease:
+        action = entry.action
+        self._dequeue(entry)
+        self.fencing += 1
+        ttl = action.ttl or self.lease_ttl
+        lease = Lease(
+            id=f"{self._prefix}l{self.fencing}",
+            action=action,
+            fencing_token=self.fencing,
+            allocation=alloc,
+            granted_at=now,
+            expires_at=now + ttl,
+            ttl=ttl,
+        )
+        self.leases[lease.id] = lease
+        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        self.counts["granted"] += 1
+        return lease
+
+    # ------------------------------------------------------------------ the elastic part
+    def _arrange(
+        self,
+        admitted: list[_Admitted],
+        waiting: list[_Entry],
+        scratches: dict[str, Scratch],
+        now: float,
+        deferred: set[str],
+    ) -> None:
+        groups: dict[tuple[str, Hashable], list[_Admitted]] = {}
+        for adm in admitted:
+            key = adm.entry.action.key
+            if key is not None:
+                groups.setdefault((key, adm.parts[key]), []).append(adm)
+        for (pool, part), members in groups.items():
+            if any(m.entry.action.profiled for m in members):
+                self._arrange_group(pool, part, members, waiting, scratches[pool], now, deferred)
+
+    def _costs(self, mgr: Manager, entry: _Entry, pool: str, fallback: float) -> Candidate:
+        a = entry.action
+        feas = entry.feasible[pool]
+        if a.profiled:
+            return Candidate(feas, tuple(a.duration_at(x) + mgr.extra_cost(a, x) for x in feas))  # type: ignore[operator]
+        d = a.duration if a.duration is not None else fallback
+        return Candidate(feas[:1], (d + mgr.extra_cost(a, feas[0]),))
+
+    def _arrange_group(
+        self,
+        pool: str,
+        part: Hashable,
+        members: list[_Admitted],
+        waiting: list[_Entry],
+        scratch: Scratch,
+        now: float,
+        deferred: set[str],
+    ) -> None:
+        mgr = self.pools[pool]
+        known = [m.entry.action.duration for m in members if m.entry.action.duration is not None]
+        fallback = sum(d for d in known if d is not None) / len(known) if known else 1.0
+        cands = [self._costs(mgr, m.entry, pool, fallback) for m in members]
+        op = scratch.operator(part, {m.entry.action.id for m in members})
+        dp = solve(cands, op)
+        start = op.start()
+        if isinstance(op, CountOperator):
+            free_units = int(start)  # type: ignore[call-overload]
+        else:
+            assert isinstance(start, tuple)
+            free_units = sum(int(c) << i for i, c in enumerate(start))
+
+        outside: list[Waiting] = []
+        for e in waiting:
+            a = e.action
+            if a.key == pool and scratch.partition_of(a) == part:
+                c = self._costs(mgr, e, pool, fallback)
+                outside.append(Waiting(c.amounts, c.costs))
+        busy = self._busy_until(pool, part, now, fallback)
+        depth = self.policy.depth
+
+        def objective(j: int) -> tuple[float, list[int]]:
+            cost, amounts = dp.best(j)
+            if not math.isfinite(cost):
+                return math.inf, amounts
+            kept = [(x, cands[i].costs[cands[i].amounts.index(x)]) for i, x in enumerate(amounts)]
+            rest = [Waiting(c.amounts, c.costs) for c in cands[j:]] + outside
+            return cost + waiting_cost(busy, free_units, kept, rest, depth), amounts
+
+        j = len(members)
+        best, amounts = objective(j)
+        # Greedy eviction: defer the last candidate while that improves the objective.
+        # The head always stays (it fits, and deferring everything helps no one); an
+        # unprofiled tail cannot be weighed, so eviction stops there.
+        while j > 1 and members[j - 1].entry.action.profiled:
+            obj, amts = objective(j - 1)
+            if obj < best:
+                best, amounts, j = obj, amts, j - 1
+            else:
+                break
+        if not math.isfinite(best):
+            return  # cannot happen after admission; keep the admission amounts
+        for i, m in enumerate(members):
+            if i < j:
+                m.amounts[pool] = amounts[i]
+            else:
+                deferred.add(m.entry.action.id)
+
+    def _busy_until(self, pool: str, part: Hashable, now: float, fallback: float) -> list[float]:
+        """Projected free times (relative to now) of the partition's busy units."""
+        out: list[float] = []
+        for lease in self.leases.values():
+            alloc = lease.allocation.get(pool)
+            if alloc is None or (part != "" and alloc.node != part):
+                continue
+            a = lease.action
+            d = a.duration_at(alloc.amount) if a.key == pool else a.duration
+            end = lease.granted_at + (d if d is not None else fallback) - now
+            out.extend([max(end, 0.0)] * alloc.amount)
+        return out
+
+    # ------------------------------------------------------------------ observation
+    def snapshot(self, now: float) -> dict[str, Any]:
+        pools = {}
+        for name, mgr in self.pools.items():
+            mgr.tick(now)
+            snap = mgr.snapshot()
+            snap["queued"] = self._queued_pools.get(name, 0)
+            pools[name] = snap
+        return {
+            "pools": pools,
+            "queued": len(self._queue),
+            "leases": len(self.leases),
+            "fencing": self.fencing,
+            "policy": self.policy.name,
+            "counts": dict(self.counts),
+            "rounds": self.stats.rounds,
+        }

@@ -1,0 +1,348 @@
+"""The action formulation: demands, efficiency models, actions, allocations and leases.
+
+These are plain value types shared by the core, the drivers and the adapters. They hold
+no behaviour beyond what follows from their own fields (feasible amounts, durations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TangramError(Exception):
+    """Base class of every error Tangram raises on purpose."""
+
+
+class InvalidAction(TangramError):
+    """The action can never be granted as written; the message says why and what would fit."""
+
+
+class UnknownLease(TangramError):
+    """No lease (and no action) with that id exists."""
+
+
+class LeaseExpired(TangramError):
+    """The lease ran past its TTL without a heartbeat; its units were taken back."""
+
+
+class LeaseReleased(TangramError):
+    """The lease was already released (a heartbeat after release is a client bug)."""
+
+
+class ActionCancelled(TangramError):
+    """The queued action was cancelled before it was granted."""
+
+
+# --------------------------------------------------------------------------- demands
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """The feasible amounts of one pool's units: fixed, a range [min, max], or a set.
+
+    Exactly one shape is used: ``choices`` when given (a sorted set), else the range
+    ``min..max`` (``min == max`` for a fixed amount).
+    """
+
+    min: int
+    max: int
+    choices: tuple[int, ...] | None = None
+
+    @staticmethod
+    def fixed(n: int) -> Demand:
+        return Demand(n, n)
+
+    @staticmethod
+    def range(lo: int, hi: int) -> Demand:
+        return Demand(lo, hi)
+
+    @staticmethod
+    def of_choices(values: list[int] | tuple[int, ...]) -> Demand:
+        if not values:
+            raise InvalidAction("a demand's choices must not be empty")
+        vals = tuple(sorted(set(values)))
+        return Demand(vals[0], vals[-1], vals)
+
+    @staticmethod
+    def parse(raw: Any, pool: str = "?") -> Demand:
+        """Read the wire forms: ``4``, ``{"min": 1, "max": 8}``, ``{"choices": [1, 2, 4]}``,
+        ``[1, 2, 4]`` (choices) or ``(lo, hi)`` tuples (a range)."""
+        if isinstance(raw, Demand):
+            return raw
+        if isinstance(raw, bool):
+            raise InvalidAction(f"demand for pool {pool!r} must be a number, a range or choices")
+        if isinstance(raw, int):
+            return Demand.fixed(raw)
+        if isinstance(raw, float) and raw.is_integer():
+            return Demand.fixed(int(raw))
+        if isinstance(raw, tuple) and len(raw) == 2:
+            return Demand.range(_as_int(raw[0], pool), _as_int(raw[1], pool))
+        if isinstance(raw, list):
+            return Demand.of_choices([_as_int(v, pool) for v in raw])
+        if isinstance(raw, Mapping):
+            if "choices" in raw:
+                vals = raw["choices"]
+                if not isinstance(vals, (list, tuple)):
+                    raise InvalidAction(f"demand for pool {pool!r}: choices must be a list")
+                return Demand.of_choices([_as_int(v, pool) for v in vals])
+            if "min" in raw or "max" in raw:
+                lo = raw.get("min", raw.get("max"))
+                hi = raw.get("max", raw.get("min"))
+                return Demand.range(_as_int(lo, pool), _as_int(hi, pool))
+        raise InvalidAction(
+            f"demand for pool {pool!r} is {raw!r}; write a number (4), a range "
+            '({"min": 1, "max": 8}) or choices ({"choices": [1, 2, 4, 8]})'
+        )
+
+    def check_shape(self, pool: str) -> None:
+        """Refuse amounts that make no sense whatever the pool."""
+        if self.min <= 0:
+            raise InvalidAction(
+                f"demand for pool {pool!r} asks for {self.min} units; amounts must be positive "
+                "(leave the pool out of the demands if the action does not use it)"
+            )
+        if self.min > self.max:
+            raise InvalidAction(
+                f"demand for pool {pool!r} has min {self.min} > max {self.max}; "
+                f"write min <= max, for example {{'min': {self.max}, 'max': {self.min}}}"
+            )
+
+    def amounts(self) -> tuple[int, ...]:
+        """Every feasible amount, ascending."""
+        if self.choices is not None:
+            return self.choices
+        return tuple(range(self.min, self.max + 1))
+
+    @property
+    def elastic(self) -> bool:
+        return self.max > self.min
+
+    def to_wire(self) -> Any:
+        if self.choices is not None and len(self.choices) > 1:
+            return {"choices": list(self.choices)}
+        if self.min == self.max:
+            return self.min
+        return {"min": self.min, "max": self.max}
+
+
+def _as_int(v: Any, pool: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise InvalidAction(f"demand for pool {pool!r}: {v!r} is not a whole number of units")
+    return int(v)
+
+
+# --------------------------------------------------------------------------- efficiency
+
+
+@dataclass(frozen=True, slots=True)
+class Amdahl:
+    """Amdahl's law: speed-up on m units is 1 / ((1 - p) + p / m)."""
+
+    parallel_fraction: float
+
+    def speedup(self, m: int) -> float:
+        p = self.parallel_fraction
+        return 1.0 / ((1.0 - p) + p / m)
+
+
+@dataclass(frozen=True, slots=True)
+class EfficiencyTable:
+    """A measured table of parallel efficiency E(m); speed-up on m units is E(m) * m.
+
+    Amounts between entries use the largest listed amount below them and amounts past the
+    last entry gain nothing more: a table only vouches for what was measured.
+    Amounts below the first entry are taken as perfectly efficient.
+    """
+
+    table: tuple[tuple[int, float], ...]
+
+    def speedup(self, m: int) -> float:
+        best = None
+        for k, e in self.table:
+            if k <= m:
+                best = (k, e)
+            else:
+                break
+        if best is None:
+            return float(m)
+        return best[0] * best[1]
+
+
+Efficiency = Amdahl | EfficiencyTable
+
+
+def parse_efficiency(raw: Any) -> Efficiency | None:
+    if raw is None or isinstance(raw, (Amdahl, EfficiencyTable)):
+        return raw
+    if isinstance(raw, Mapping):
+        if "amdahl" in raw:
+            p = raw["amdahl"]
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise InvalidAction(
+                    f"efficiency amdahl={p!r}: the parallel fraction must be in [0, 1]"
+                )
+            return Amdahl(float(p))
+        if "table" in raw and isinstance(raw["table"], Mapping):
+            rows: list[tuple[int, float]] = []
+            for k, e in raw["table"].items():
+                try:
+                    m = int(k)
+                    ef = float(e)
+                except (TypeError, ValueError):
+                    raise InvalidAction(
+                        f"efficiency table entry {k!r}: {e!r} must map units to a number"
+                    ) from None
+                if m <= 0 or not 0.0 < ef <= 1.0:
+                    raise InvalidAction(
+                        f"efficiency table entry {k}: {e}: units must be positive and "
+                        "E(m) in (0, 1]"
+                    )
+                rows.append((m, ef))
+            if not rows:
+                raise InvalidAction("efficiency table is empty")
+            return EfficiencyTable(tuple(sorted(rows)))
+    raise InvalidAction(
+        f"efficiency {raw!r} is not understood; write {{'amdahl': 0.95}} or "
+        "{'table': {'1': 1.0, '2': 0.97}}"
+    )
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(slots=True, eq=False)
+class Action:
+    """One atomic use of external resources by one trajectory of one task (RL job).
+
+    ``demands`` maps pool name to the feasible amounts of that pool. ``key`` names the
+    pool whose allocation sets the duration; ``duration`` is the execution time at the
+    key demand's minimum and ``efficiency`` how it shrinks with more units. ``service``
+    names the GPU service to run, ``tokens`` the expected token cost on quota pools with a
+    tokens-per-minute limit, ``memory_gb`` the trajectory's declared memory (read at its
+    first action on a CPU pool, reserved on its node until the trajectory closes).
+    """
+
+    trajectory: str
+    demands: dict[str, Demand]
+    task: str = "default"
+    key: str | None = None
+    duration: float | None = None
+    efficiency: Efficiency | None = None
+    service: str | None = None
+    tokens: int | None = None
+    memory_gb: float = 0.0
+    ttl: float | None = None
+    tenant: str | None = None
+    id: str = ""
+    # Filled in by the core.
+    submitted_at: float = 0.0
+    seq: int = 0
+
+    @staticmethod
+    def build(
+        trajectory: str,
+        demands: Mapping[str, Any],
+        *,
+        task: str = "default",
+        key: str | None = None,
+        duration: float | None = None,
+        efficiency: Any = None,
+        service: str | None = None,
+        tokens: int | None = None,
+        memory_gb: float = 0.0,
+        ttl: float | None = None,
+        tenant: str | None = None,
+    ) -> Action:
+        """Build an action from wire-like values (numbers, dicts, lists)."""
+        return Action(
+            trajectory=trajectory,
+            demands={p: Demand.parse(d, p) for p, d in demands.items()},
+            task=task,
+            key=key,
+            duration=duration,
+            efficiency=parse_efficiency(efficiency),
+            service=service,
+            tokens=tokens,
+            memory_gb=memory_gb,
+            ttl=ttl,
+            tenant=tenant,
+        )
+
+    def duration_at(self, amount: int) -> float | None:
+        """Execution time on ``amount`` units of the key pool: d(m) = d(min) * S(min) / S(m)."""
+        if self.duration is None or self.key is None:
+            return self.duration
+        lo = self.demands[self.key].min
+        if self.efficiency is None or amount == lo:
+            return self.duration
+        return self.duration * self.efficiency.speedup(lo) / self.efficiency.speedup(amount)
+
+    @property
+    def profiled(self) -> bool:
+        """Whether the scheduler may trade units for time on the key pool."""
+        return (
+            self.key is not None
+            and self.duration is not None
+            and self.efficiency is not None
+            and self.demands[self.key].elastic
+        )
+
+
+# --------------------------------------------------------------------------- leases
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The exact units of one pool given to one lease."""
+
+    amount: int
+    node: str | None = None
+    units: tuple[Any, ...] = ()
+    restore: bool = False
+    evicts: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"amount": self.amount, "node": self.node, "units": list(self.units)}
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """A grant: the action may use exactly these units until it releases or expires."""
+
+    id: str
+    action: Action
+    fencing_token: int
+    allocation: dict[str, Allocation]
+    granted_at: float
+    expires_at: float
+    ttl: float
+    overhead: float = 0.0
+    tokens_estimated: int = 0
+    state: str = "active"  # active | released | expired
+    ended_at: float | None = None
+    outcome: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dop(self) -> int:
+        """Degree of parallelism: the amount granted on the key pool (1 without one)."""
+        key = self.action.key
+        if key is not None and key in self.allocation:
+            return self.allocation[key].amount
+        return 1
+
+    @property
+    def restore(self) -> bool:
+        return any(a.restore for a in self.allocation.values())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "fencing_token": self.fencing_token,
+            "allocation": {p: a.to_wire() for p, a in self.allocation.items()},
+            "dop": self.dop,
+            "restore": self.restore,
+            "expires_at": self.expires_at,
+        }
