@@ -76,8 +76,8 @@ class Broker:
         fut = self.submit_nowait(action)
         try:
             if timeout is None:
-                return await asyncio.shield(fut)
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+                return await fut
+            return await asyncio.wait_for(fut, timeout)
         except BaseException:
             self._abandon(action.id, fut)
             raise
@@ -94,12 +94,14 @@ class Broker:
 
     def release(
         self, lease_id: str, outcome: str = "ok", usage: dict[str, Any] | None = None
-    ) -> Lease:
+    ) -> Lease | None:
+        """Return the lease's units. None if it was already released; LeaseExpired if
+        it expired first."""
         self._held.discard(lease_id)
-        active = lease_id in self.core.leases
         lease = self.core.release(lease_id, self.clock(), outcome, usage)
-        if active:
-            self._emit("release", lease)
+        if lease is not None:
+            if self._listeners:
+                self._emit("release", lease)
             self._kick()
         return lease
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 class TangramError(Exception):
     """Base class of every error Tangram raises on purpose."""
@@ -146,6 +148,10 @@ class Amdahl:
         p = self.parallel_fraction
         return 1.0 / ((1.0 - p) + p / m)
 
+    def speedups(self, m: np.ndarray) -> np.ndarray:
+        p = self.parallel_fraction
+        return np.asarray(1.0 / ((1.0 - p) + p / m), dtype=np.float64)
+
 
 @dataclass(frozen=True, slots=True)
 class EfficiencyTable:
@@ -168,6 +174,9 @@ class EfficiencyTable:
         if best is None:
             return float(m)
         return best[0] * best[1]
+
+    def speedups(self, m: np.ndarray) -> np.ndarray:
+        return np.array([self.speedup(int(x)) for x in m], dtype=np.float64)
 
 
 Efficiency = Amdahl | EfficiencyTable
@@ -278,6 +287,16 @@ class Action:
         if self.efficiency is None or amount == lo:
             return self.duration
         return self.duration * self.efficiency.speedup(lo) / self.efficiency.speedup(amount)
+
+    def durations(self, amounts: tuple[int, ...]) -> np.ndarray:
+        """``duration_at`` for each amount, vectorised (the scheduler's hot path)."""
+        assert self.duration is not None and self.key is not None
+        if self.efficiency is None:
+            return np.full(len(amounts), self.duration)
+        lo = self.demands[self.key].min
+        m = np.asarray(amounts, dtype=np.float64)
+        s_lo = self.efficiency.speedup(lo)
+        return self.duration * s_lo / self.efficiency.speedups(m)
 
     @property
     def profiled(self) -> bool:

@@ -31,11 +31,15 @@ class Candidate:
     """Feasible amounts on the key partition (ascending) and the cost of each."""
 
     amounts: tuple[int, ...]
-    costs: tuple[float, ...]
+    costs: Sequence[float]  # a tuple or a numpy array, aligned with amounts
 
 
 class PrefixDP:
     """Optimal allocations of every prefix of the candidate list."""
+
+    def exact(self, j: int) -> bool:
+        """Whether ``best(j)`` is exact (a truncated DP may need widening first)."""
+        return True
 
     def best(self, j: int) -> tuple[float, list[int]]:
         """(least total cost, amounts) for the first j candidates; (inf, []) if they cannot
@@ -43,90 +47,222 @@ class PrefixDP:
         raise NotImplementedError
 
 
-def solve(cands: Sequence[Candidate], op: Operator) -> PrefixDP:
+def solve(cands: Sequence[Candidate], op: Operator, cap: int | None = None) -> PrefixDP:
+    """One forward pass over prefixes. ``cap`` bounds the extra units (above the
+    minimums) tracked for count operators: ``best(j)`` stays exact for every prefix whose
+    slack is within the cap, because a layer's entry for e extra units depends only on
+    the previous layer's entries for at most e."""
     if isinstance(op, CountOperator):
-        return _CountDP(cands, op.free)
-    return _StateDP(cands, op)
+        if cap is not None and cap <= SCAN_MAX_CAP and len(cands) >= SCAN_MIN_CANDIDATES:
+            return _ScanDP(cands, op.free, cap)
+        return _CountDP(cands, op.free, cap)
+    return _StateDP(cands, op, cap)
+
+
+# The scan does log2(n) vectorised steps of n * (cap + 1)**2 cells, the layered pass n
+# small steps: the scan wins for many candidates sharing few spare units.
+SCAN_MAX_CAP = 16
+SCAN_MIN_CANDIDATES = 24
 
 
 class _CountDP(PrefixDP):
-    def __init__(self, cands: Sequence[Candidate], free: int) -> None:
+    def __init__(self, cands: Sequence[Candidate], free: int, cap: int | None) -> None:
         self.cands = cands
-        n = len(cands)
-        mins = [c.amounts[0] for c in cands]
-        # layers[j] = cost of prefix j by extra units used (index), choices[j] = the
-        # offset (into the candidate's amounts) chosen for each extra-unit count.
+        self.cap = cap if cap is not None else free
+        # layers[j] = least cost of prefix j by extra units used; choices[j] = index into
+        # candidate j's amounts chosen for each extra-unit count.
         self.layers: list[np.ndarray] = [np.zeros(1)]
         self.choices: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-        self.n_ok = 0
+        self.slack: list[int] = [free]
+        self.absorb: list[int] = [0]
         base = 0
         absorb = 0  # the most extra units the prefix could use
         prev = self.layers[0]
-        for j in range(n):
-            c = cands[j]
-            base += mins[j]
+        for c in cands:
+            lo = c.amounts[0]
+            base += lo
             slack = free - base
             if slack < 0:
                 break
-            offs = np.asarray(c.amounts, dtype=np.int64) - mins[j]
-            absorb += int(offs[-1])
-            length = min(slack, absorb) + 1
-            costs = np.asarray(c.costs, dtype=np.float64)
-            if len(offs) == 1:
+            absorb += c.amounts[-1] - lo
+            length = min(slack, absorb, self.cap) + 1
+            costs = c.costs if isinstance(c.costs, np.ndarray) else np.asarray(c.costs, float)
+            m = min(length, len(prev))
+            if len(c.amounts) == 1 or length == 1:
                 cur = np.full(length, INF)
-                m = min(length, len(prev))
                 cur[:m] = prev[:m] + costs[0]
-                choice = np.zeros(length, dtype=np.int64)
+                choice = _ZEROS[:length] if length <= len(_ZEROS) else np.zeros(length, int)
             else:
-                # cur[e] = min_t prev[e - offs[t]] + costs[t]
+                offs = _offsets(c.amounts)
+                k = int(np.searchsorted(offs, length - 1, side="right"))  # usable amounts
+                offs, costs = offs[:k], costs[:k]
                 pad = int(offs[-1])
                 padded = np.full(pad + length, INF)
-                m = min(length, len(prev))
                 padded[pad : pad + m] = prev[:m]
-                idx = (np.arange(length)[:, None] + pad) - offs[None, :]
-                mat = padded[idx] + costs[None, :]
+                # cur[e] = min over t of prev[e - offs[t]] + costs[t]
+                mat = padded[_index(offs, length)] + costs
                 choice = np.argmin(mat, axis=1)
-                cur = mat[np.arange(length), choice]
+                cur = mat[_ROWS[:length] if length <= len(_ROWS) else np.arange(length), choice]
             self.layers.append(cur)
             self.choices.append(choice)
+            self.slack.append(slack)
+            self.absorb.append(absorb)
             prev = cur
-            self.n_ok = j + 1
+
+    def exact(self, j: int) -> bool:
+        return j >= len(self.layers) or min(self.slack[j], self.absorb[j]) <= self.cap
 
     def best(self, j: int) -> tuple[float, list[int]]:
-        if j > self.n_ok:
+        if j >= len(self.layers):
             return INF, []
         layer = self.layers[j]
         e = int(np.argmin(layer))
         total = float(layer[e])
         if not math.isfinite(total):
             return INF, []
-        out = [0] * j
-        for i in range(j, 0, -1):
+        out = [c.amounts[0] for c in self.cands[:j]]
+        i = j
+        while e > 0:  # the rest take their minimum
             c = self.cands[i - 1]
             t = int(self.choices[i][e])
             out[i - 1] = c.amounts[t]
             e -= c.amounts[t] - c.amounts[0]
+            i -= 1
         return total, out
 
 
+class _ScanDP(PrefixDP):
+    """All prefixes at once by a parallel prefix scan (Hillis-Steele) of min-plus
+    convolutions: row j-1 of ``self.prefix`` holds the least cost of the first j
+    candidates by extra units used (0..cap)."""
+
+    def __init__(self, cands: Sequence[Candidate], free: int, cap: int) -> None:
+        mins = np.fromiter((c.amounts[0] for c in cands), dtype=np.int64, count=len(cands))
+        slack = free - np.cumsum(mins)
+        n = int(np.count_nonzero(slack >= 0))  # slack only shrinks along the prefix
+        self.cands = cands[:n]
+        self.cap = cap
+        self.slack = slack[:n]
+        w = cap + 1
+        own = np.full((n, w), INF)  # own[i, x]: candidate i with x extra units
+        spans = np.zeros(n, dtype=np.int64)
+        # Candidates with the same feasible amounts fill their rows in one step.
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(self.cands):
+            shapes.setdefault(c.amounts, []).append(i)
+        for amounts, rows in shapes.items():
+            offs = _offsets(amounts)
+            k = int(np.searchsorted(offs, cap, side="right"))
+            costs = np.array([self.cands[i].costs[:k] for i in rows], dtype=np.float64)
+            own[np.ix_(np.asarray(rows, dtype=np.int64), offs[:k])] = costs
+            spans[rows] = offs[-1]
+        self.absorb = np.cumsum(spans)
+        self.own = own
+        gather = (w - 1) + np.arange(w)[:, None] - np.arange(w)[None, :]
+        acc = own.copy()
+        step = 1
+        while step < n:
+            left, right = acc[:-step], acc[step:]
+            padded = np.concatenate([np.full((n - step, w - 1), INF), left], axis=1)
+            acc = np.concatenate([acc[:step], (padded[:, gather] + right[:, None, :]).min(axis=2)])
+            step *= 2
+        self.prefix = acc
+
+    def exact(self, j: int) -> bool:
+        if j == 0 or j > len(self.cands):
+            return True
+        return min(int(self.slack[j - 1]), int(self.absorb[j - 1])) <= self.cap
+
+    def best(self, j: int) -> tuple[float, list[int]]:
+        if j > len(self.cands):
+            return INF, []
+        out = [c.amounts[0] for c in self.cands[:j]]
+        if j == 0:
+            return 0.0, out
+        row = self.prefix[j - 1][: min(int(self.slack[j - 1]), self.cap) + 1]
+        e = int(np.argmin(row))
+        total = float(row[e])
+        if not math.isfinite(total):
+            return INF, []
+        i = j
+        while e > 0:  # walk back choosing each candidate's extra; the rest take minimum
+            own = self.own[i - 1]
+            if i == 1:
+                x = e
+            else:
+                prev = self.prefix[i - 2]
+                x = min(range(e + 1), key=lambda x: prev[e - x] + own[x])
+            if x:
+                c = self.cands[i - 1]
+                out[i - 1] = c.amounts[0] + x
+            e -= x
+            i -= 1
+        return total, out
+
+
+_ZEROS = np.zeros(1025, dtype=np.int64)
+_ROWS = np.arange(1025)
+_OFFSETS: dict[tuple[int, ...], np.ndarray] = {}
+_INDEX: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _offsets(amounts: tuple[int, ...]) -> np.ndarray:
+    got = _OFFSETS.get(amounts)
+    if got is None:
+        if len(_OFFSETS) > 4096:
+            _OFFSETS.clear()
+        got = _OFFSETS[amounts] = np.asarray(amounts, dtype=np.int64) - amounts[0]
+    return got
+
+
+def _index(offs: np.ndarray, length: int) -> np.ndarray:
+    """Gather indices into the padded previous layer: row e, column t -> e + pad - offs[t].
+
+    Ranges (offsets 0..k-1) are by far the most common shape, so their matrices are kept."""
+    k = len(offs)
+    contiguous = int(offs[-1]) == k - 1
+    if contiguous:
+        got = _INDEX.get((k, length))
+        if got is not None:
+            return got
+    got = np.asarray((np.arange(length)[:, None] + int(offs[-1])) - offs[None, :])
+    if contiguous:
+        if len(_INDEX) > 4096:
+            _INDEX.clear()
+        _INDEX[(k, length)] = got
+    return got
+
+
 class _StateDP(PrefixDP):
-    def __init__(self, cands: Sequence[Candidate], op: Operator) -> None:
+    """Layers of operator states. With a cap, states whose extra units (used beyond the
+    prefix's minimums) exceed it are dropped: extras only grow along a path, so every
+    prefix whose slack is within the cap keeps all the states it needs."""
+
+    def __init__(self, cands: Sequence[Candidate], op: Operator, cap: int | None) -> None:
         self.cands = cands
         start = op.start()
+        free = op.units(start)
+        self.cap = cap if cap is not None else free
         # per layer: state -> (cost, previous state, amount)
         self.layers: list[dict[Hashable, tuple[float, Any, int]]] = [{start: (0.0, None, 0)}]
-        cache: dict[tuple[Hashable, int], Any] = {}
+        self.slack: list[int] = [free]
+        self.absorb: list[int] = [0]
+        base = 0
+        absorb = 0
+        take, units = op.take, op.units
         for c in cands:
+            base += c.amounts[0]
+            absorb += c.amounts[-1] - c.amounts[0]
+            if base > free:
+                break
+            floor = free - base - self.cap  # fewer free units than this: extra > cap
             prev = self.layers[-1]
             cur: dict[Hashable, tuple[float, Any, int]] = {}
+            pairs = list(zip(c.amounts, c.costs, strict=True))
             for state, (cost, _, _) in prev.items():
-                for a, dc in zip(c.amounts, c.costs, strict=True):
-                    key = (state, a)
-                    if key in cache:
-                        nxt = cache[key]
-                    else:
-                        nxt = cache[key] = op.take(state, a)
-                    if nxt is None:
+                for a, dc in pairs:
+                    nxt = take(state, a)
+                    if nxt is None or units(nxt) < floor:
                         continue
                     total = cost + dc
                     old = cur.get(nxt)
@@ -135,6 +271,11 @@ class _StateDP(PrefixDP):
             if not cur:
                 break
             self.layers.append(cur)
+            self.slack.append(free - base)
+            self.absorb.append(absorb)
+
+    def exact(self, j: int) -> bool:
+        return j >= len(self.layers) or min(self.slack[j], self.absorb[j]) <= self.cap
 
     def best(self, j: int) -> tuple[float, list[int]]:
         if j >= len(self.layers):
@@ -191,22 +332,22 @@ def waiting_cost(
     heapq.heapify(heap)
     total = 0.0
     for i, w in enumerate(waiting):
-        tries = w.amounts[: max(1, depth)] if i == 0 else w.amounts[:1]
-        need = tries[-1]
-        if need > len(heap):
-            tries = tuple(a for a in tries if a <= len(heap))
+        if i == 0 and depth > 1 and len(w.amounts) > 1:
+            tries = [a for a in w.amounts[:depth] if a <= len(heap)]
             if not tries:
                 continue
-        smallest = heapq.nsmallest(tries[-1], heap) if len(tries) > 1 else None
-        best_end, best_a = INF, tries[0]
-        for t_i, a in enumerate(tries):
-            if smallest is not None:
-                start = smallest[a - 1]
-            else:
-                start = heapq.nsmallest(a, heap)[-1] if a > 1 else heap[0]
-            end = start + w.costs[t_i]
-            if end < best_end:
-                best_end, best_a = end, a
+            smallest = heapq.nsmallest(tries[-1], heap)
+            best_end, best_a = min((smallest[a - 1] + w.costs[t], a) for t, a in enumerate(tries))
+        else:
+            a = w.amounts[0]
+            if a == 1:
+                best_end = heap[0] + w.costs[0]
+                heapq.heapreplace(heap, best_end)
+                total += best_end
+                continue
+            if a > len(heap):
+                continue
+            best_end, best_a = heapq.nsmallest(a, heap)[-1] + w.costs[0], a
         for _ in range(best_a):
             heapq.heappop(heap)
         for _ in range(best_a):

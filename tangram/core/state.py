@@ -57,6 +57,8 @@ class _Entry:
 
     action: Action
     feasible: dict[str, tuple[int, ...]]
+    durations: Any = None  # the key pool's duration per feasible amount, computed once
+    wait: Waiting | None = None  # how the estimate sees it while it waits (cached)
 
 
 @dataclass(slots=True)
@@ -96,7 +98,9 @@ class Core:
         self._queue: dict[str, _Entry] = {}
         self._queued_pools: Counter[str] = Counter()
         self.leases: dict[str, Lease] = {}
-        self.ended: OrderedDict[str, Lease] = OrderedDict()
+        # lease id -> (state, expires_at, ended_at) of the last ENDED_KEPT ended leases.
+        # Plain tuples of atomic values: the garbage collector need not track them.
+        self.ended: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
         self._expiry: list[tuple[float, str]] = []
         self._ready_at: float | None = None
         self._seq = 0
@@ -164,14 +168,23 @@ class Core:
             raise InvalidAction(f"action id {action.id!r} is already in use")
         action.seq = self._seq
         action.submitted_at = now
-        self._queue[action.id] = _Entry(action, feasible)
+        entry = _Entry(action, feasible)
+        if action.profiled and self.policy.elastic:
+            # Once per action, so scheduling rounds only read it.
+            entry.durations = action.durations(feasible[action.key])  # type: ignore[index]
+            depth = max(1, self.policy.depth)
+            head = tuple(float(x) for x in entry.durations[:depth])
+            entry.wait = Waiting(feasible[action.key][:depth], head)  # type: ignore[index]
+        self._queue[action.id] = entry
         self._queued_pools.update(action.demands.keys())
         self.counts["submitted"] += 1
         return action
 
     def _dequeue(self, entry: _Entry) -> None:
         del self._queue[entry.action.id]
-        self._queued_pools.subtract(entry.action.demands.keys())
+        queued = self._queued_pools
+        for p in entry.action.demands:
+            queued[p] -= 1
 
     def cancel(self, action_id: str, now: float) -> Action | None:
         """Remove a queued action; None if it is not queued (granted, ended or unknown)."""
@@ -205,11 +218,14 @@ class Core:
         return len(self._queue)
 
     # ------------------------------------------------------------------ leases
-    def lease(self, lease_id: str) -> Lease:
-        lease = self.leases.get(lease_id) or self.ended.get(lease_id)
-        if lease is None:
+    def lease_state(self, lease_id: str) -> str:
+        """active, released or expired; UnknownLease if never seen (or long forgotten)."""
+        if lease_id in self.leases:
+            return "active"
+        ended = self.ended.get(lease_id)
+        if ended is None:
             raise UnknownLease(f"no lease {lease_id!r}")
-        return lease
+        return ended[0]
 
     def release(
         self,
@@ -217,23 +233,23 @@ class Core:
         now: float,
         outcome: str = "ok",
         usage: dict[str, Any] | None = None,
-    ) -> Lease:
-        """Return the lease's units. Releasing twice is not an error; releasing a lease
-        that expired raises LeaseExpired."""
+    ) -> Lease | None:
+        """Return the lease's units and the lease. Releasing twice is not an error (None
+        the second time); releasing a lease that expired raises LeaseExpired."""
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             ended = self.ended.get(lease_id)
             if ended is None:
                 raise UnknownLease(f"no lease {lease_id!r}")
-            if ended.state == "expired":
+            if ended[0] == "expired":
                 raise LeaseExpired(
-                    f"lease {lease_id!r} expired at {ended.expires_at:.3f} (no heartbeat "
-                    f"within its {ended.ttl:g} s TTL); its units were taken back"
+                    f"lease {lease_id!r} expired at {ended[1]:.3f} (no heartbeat within its "
+                    "TTL); its units were taken back"
                 )
-            return ended
-        self._free(lease, now, usage)
+            return None
         lease.state = "released"
         lease.outcome = outcome
+        self._free(lease, now, usage)
         self.counts["released"] += 1
         return lease
 
@@ -241,13 +257,14 @@ class Core:
         """Extend an active lease's TTL from now; return the new expiry time."""
         lease = self.leases.get(lease_id)
         if lease is None or lease.expires_at <= now:
+            if lease is not None:  # past its TTL, not yet collected by expire()
+                raise LeaseExpired(f"lease {lease_id!r} expired at {lease.expires_at:.3f}")
             ended = self.ended.get(lease_id)
-            if lease is not None or (ended is not None and ended.state == "expired"):
-                t = (lease or ended).expires_at  # type: ignore[union-attr]
-                raise LeaseExpired(f"lease {lease_id!r} expired at {t:.3f}")
-            if ended is not None:
-                raise LeaseReleased(f"lease {lease_id!r} was already released")
-            raise UnknownLease(f"no lease {lease_id!r}")
+            if ended is None:
+                raise UnknownLease(f"no lease {lease_id!r}")
+            if ended[0] == "expired":
+                raise LeaseExpired(f"lease {lease_id!r} expired at {ended[1]:.3f}")
+            raise LeaseReleased(f"lease {lease_id!r} was already released")
         if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
             raise InvalidAction(f"ttl must be a positive number of seconds, got {ttl}")
         lease.ttl = ttl or lease.ttl
@@ -265,9 +282,9 @@ class Core:
             if lease is None or lease.expires_at > now:
                 continue  # released already, or extended by a heartbeat (stale entry)
             del self.leases[lid]
-            self._free(lease, now, None)
             lease.state = "expired"
             lease.outcome = "expired"
+            self._free(lease, now, None)
             self.counts["expired"] += 1
             out.append(Expiry(lease))
         return out
@@ -276,9 +293,10 @@ class Core:
         for pool, alloc in lease.allocation.items():
             self.pools[pool].release(lease.action, alloc, now, usage)
         lease.ended_at = now
-        self.ended[lease.id] = lease
-        if len(self.ended) > ENDED_KEPT:
-            self.ended.popitem(last=False)
+        ended = self.ended
+        ended[lease.id] = (lease.state, lease.expires_at, now)
+        if len(ended) > ENDED_KEPT:
+            ended.popitem(last=False)
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which time alone changes something (an expiry, a quota
@@ -316,11 +334,12 @@ class Core:
         saturated: set[str] = set()
         firsts: list[tuple[str, _Entry]] = []  # the first waiter of each pool
         look = policy.lookahead if policy.elastic else 0
+        elastic = False  # whether any admitted action lets the DP trade units for time
         for entry in self._queue.values():
             if len(saturated) == len(active):
                 # Nothing more can be admitted; the tangram estimate still wants to know
-                # who waits next.
-                if look <= 0:
+                # who waits next, when there is something to arrange.
+                if look <= 0 or not elastic:
                     break
                 look -= 1
                 waiting.append(entry)
@@ -332,7 +351,12 @@ class Core:
                 if s is None:
                     s = scratches[p] = self.pools[p].begin_round(now)
                 scrs.append((p, s))
-            if any(s.blocked(action) for _, s in scrs):
+            blocked = False
+            for _, s in scrs:
+                if s.blocked(action):
+                    blocked = True
+                    break
+            if blocked:
                 self._block(entry, scrs, saturated, firsts)
                 waiting.append(entry)
                 continue
@@ -349,6 +373,8 @@ class Core:
                 adm.parts[p] = part
             if ok:
                 admitted.append(adm)
+                if entry.wait is not None:
+                    elastic = True
             else:
                 for p, amount in adm.amounts.items():
                     scratches[p].unfit(action, amount, adm.parts[p])
@@ -373,7 +399,10 @@ class Core:
             if action.id in deferred:
                 continue
             alloc: dict[str, Allocation] = {}
-            order = sorted(adm.amounts, key=lambda p: p == action.key)
+            order = list(adm.amounts)
+            if len(order) > 1 and action.key in adm.amounts:  # key pool last
+                order.remove(action.key)
+                order.append(action.key)
             for p in order:
                 got = self.pools[p].allocate(action, adm.amounts[p], adm.parts[p], now)
                 if got is None:
@@ -464,9 +493,28 @@ class Core:
         a = entry.action
         feas = entry.feasible[pool]
         if a.profiled:
-            return Candidate(feas, tuple(a.duration_at(x) + mgr.extra_cost(a, x) for x in feas))  # type: ignore[operator]
+            if entry.durations is None:
+                entry.durations = a.durations(feas)
+            costs = entry.durations
+            if mgr.has_extra_cost:
+                costs = costs + [mgr.extra_cost(a, x) for x in feas]
+            return Candidate(feas, costs)
         d = a.duration if a.duration is not None else fallback
         return Candidate(feas[:1], (d + mgr.extra_cost(a, feas[0]),))
+
+    def _waiting(self, mgr: Manager, entry: _Entry, pool: str, fallback: float) -> Waiting:
+        """A waiting action as the estimate sees it: its first ``depth`` amounts and costs."""
+        a = entry.action
+        if entry.wait is not None and not mgr.has_extra_cost:
+            return entry.wait
+        if entry.wait is not None:
+            feas, costs = entry.wait.amounts, list(entry.wait.costs)
+        else:
+            feas = entry.feasible[pool][:1]
+            costs = [a.duration if a.duration is not None else fallback]
+        if mgr.has_extra_cost:
+            costs = [c + mgr.extra_cost(a, x) for c, x in zip(costs, feas, strict=True)]
+        return Waiting(feas, tuple(costs))
 
     def _arrange_group(
         self,
@@ -483,7 +531,10 @@ class Core:
         fallback = sum(d for d in known if d is not None) / len(known) if known else 1.0
         cands = [self._costs(mgr, m.entry, pool, fallback) for m in members]
         op = scratch.operator(part, {m.entry.action.id for m in members})
-        dp = solve(cands, op)
+        n = len(members)
+        # Exact for the full list and a few evictions; widened only if eviction goes on.
+        cap = 8
+        dp = solve(cands, op, cap)
         start = op.start()
         if isinstance(op, CountOperator):
             free_units = int(start)  # type: ignore[call-overload]
@@ -491,24 +542,36 @@ class Core:
             assert isinstance(start, tuple)
             free_units = sum(int(c) << i for i, c in enumerate(start))
 
+        depth = self.policy.depth
+        look = self.policy.lookahead
         outside: list[Waiting] = []
         for e in waiting:
+            if len(outside) >= look:
+                break
             a = e.action
             if a.key == pool and scratch.partition_of(a) == part:
-                c = self._costs(mgr, e, pool, fallback)
-                outside.append(Waiting(c.amounts, c.costs))
+                outside.append(self._waiting(mgr, e, pool, fallback))
+        tail = [self._waiting(mgr, m.entry, pool, fallback) for m in members]
         busy = self._busy_until(pool, part, now, fallback)
-        depth = self.policy.depth
 
         def objective(j: int) -> tuple[float, list[int]]:
+            nonlocal dp, cap
+            while not dp.exact(j):
+                cap *= 4
+                dp = solve(cands, op, cap)
             cost, amounts = dp.best(j)
             if not math.isfinite(cost):
                 return math.inf, amounts
-            kept = [(x, cands[i].costs[cands[i].amounts.index(x)]) for i, x in enumerate(amounts)]
-            rest = [Waiting(c.amounts, c.costs) for c in cands[j:]] + outside
+            kept = [
+                (x, float(c.costs[0 if x == c.amounts[0] else c.amounts.index(x)]))
+                for c, x in zip(cands, amounts, strict=False)
+            ]
+            # Every prefix is weighed over the same actions: the candidates it leaves out
+            # and the first ``lookahead`` waiting actions behind them.
+            rest = tail[j:] + outside
             return cost + waiting_cost(busy, free_units, kept, rest, depth), amounts
 
-        j = len(members)
+        j = n
         best, amounts = objective(j)
         # Greedy eviction: defer the last candidate while that improves the objective.
         # The head always stays (it fits, and deferring everything helps no one); an

@@ -26,6 +26,10 @@ class Operator(ABC):
     def take(self, state: Any, k: int) -> Any | None:
         """The state after one more candidate takes k units, or None when it cannot."""
 
+    @abstractmethod
+    def units(self, state: Any) -> int:
+        """How many units are free in ``state``."""
+
 
 class CountOperator(Operator):
     """Interchangeable units: the state is the number of free units."""
@@ -38,6 +42,9 @@ class CountOperator(Operator):
 
     def take(self, state: int, k: int) -> int | None:
         return state - k if state >= k else None
+
+    def units(self, state: int) -> int:
+        return state
 
 
 class Scratch(ABC):
@@ -82,6 +89,7 @@ class Manager(ABC):
     """One pool of units behind the interface the scheduler uses."""
 
     kind: ClassVar[str]
+    has_extra_cost: ClassVar[bool] = False  # whether extra_cost can be non-zero
 
     def __init__(self, name: str) -> None:
         self.name = name

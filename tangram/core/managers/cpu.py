@@ -8,6 +8,7 @@ actions get cores from one NUMA group when one has enough free.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,18 +22,15 @@ class CpuNode:
     name: str
     numa: list[list[int]]
     memory_gb: float
-    free: list[set[int]] = field(default_factory=list)
+    free: list[list[int]] = field(default_factory=list)  # per NUMA group, sorted
     free_count: int = 0
     memory_free: float = 0.0
+    cores: int = 0
 
     def __post_init__(self) -> None:
-        self.free = [set(g) for g in self.numa]
-        self.free_count = sum(len(g) for g in self.numa)
+        self.free = [sorted(g) for g in self.numa]
+        self.cores = self.free_count = sum(len(g) for g in self.numa)
         self.memory_free = self.memory_gb
-
-    @property
-    def cores(self) -> int:
-        return sum(len(g) for g in self.numa)
 
 
 class CpuManager(Manager):
@@ -138,14 +136,14 @@ class CpuManager(Manager):
         fitting = [g for g in node.free if len(g) >= amount]
         if fitting:
             group = min(fitting, key=len)
-            cores = sorted(group)[:amount]
-            group.difference_update(cores)
+            cores = group[:amount]
+            del group[:amount]
             return cores
         cores = []
         for group in sorted(node.free, key=len, reverse=True):
-            take = sorted(group)[: amount - len(cores)]
-            group.difference_update(take)
-            cores.extend(take)
+            n = amount - len(cores)
+            cores.extend(group[:n])
+            del group[:n]
             if len(cores) == amount:
                 break
         return sorted(cores)
@@ -158,7 +156,7 @@ class CpuManager(Manager):
         node = self.nodes[alloc.node]
         groups = self._group_of[alloc.node]
         for c in alloc.units:
-            node.free[groups[c]].add(c)
+            bisect.insort(node.free[groups[c]], c)
         node.free_count += alloc.amount
 
     def close_trajectory(self, trajectory: str) -> None:

@@ -9,6 +9,7 @@ recently used residents of each GPU until it fits; nothing is written back.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ def sizes_up_to(n: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=65536)
 def take_chunk(counts: tuple[int, ...], k: int) -> tuple[int, ...] | None:
     """Buddy best fit on free-chunk counts (index i counts chunks of 2**i GPUs)."""
     i = k.bit_length() - 1
@@ -71,9 +73,13 @@ class ChunkOperator(Operator):
     def take(self, state: tuple[int, ...], k: int) -> tuple[int, ...] | None:
         return take_chunk(state, k)
 
+    def units(self, state: tuple[int, ...]) -> int:
+        return sum(c << i for i, c in enumerate(state))
+
 
 class GpuManager(Manager):
     kind = "gpu"
+    has_extra_cost = True
 
     def __init__(
         self, name: str, nodes: Sequence[GpuNode], services: Sequence[Service] = ()

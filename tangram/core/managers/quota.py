@@ -68,8 +68,9 @@ class QuotaManager(Manager):
         if tokens_per_minute is not None:
             self.tpm = _Bucket(float(tokens_per_minute), tokens_per_minute / 60.0)
         self.default_tokens = default_tokens
+        self._cap = min((c for c, _ in self._limits()), default=None)  # most per action
         self.in_use = 0
-        self._free_slots = list(range(concurrency or 0))[::-1]  # pop() gives the lowest
+        self._free_slots = list(range(concurrency or 0))[::-1]  # a stack of free slot ids
         self._window: deque[tuple[float, int]] = deque()
         self._window_count = 0
         # Accounting the metrics issue reads: estimated vs actual tokens, throttled rounds.
@@ -77,7 +78,7 @@ class QuotaManager(Manager):
         self.tokens_used_total = 0
 
     # ---- validation -----------------------------------------------------------------
-    def feasible(self, action: Action, demand: Demand) -> tuple[int, ...]:
+    def _limits(self) -> list[tuple[int, str]]:
         limits = []
         if self.concurrency is not None:
             limits.append((self.concurrency, f"concurrency cap {self.concurrency}"))
@@ -87,16 +88,20 @@ class QuotaManager(Manager):
             )
         if self.rate is not None:
             limits.append((int(self.rate.capacity), f"rate burst {int(self.rate.capacity)}"))
-        cap = min((c for c, _ in limits), default=None)
-        amounts = demand.amounts()
-        if cap is not None:
-            amounts = tuple(a for a in amounts if a <= cap)
-            if not amounts:
-                why = min(limits)[1]
-                raise InvalidAction(
-                    f"demand for quota pool {self.name!r} asks for at least {demand.min} "
-                    f"permits but its {why} allows at most {cap} per action"
-                )
+        return limits
+
+    def feasible(self, action: Action, demand: Demand) -> tuple[int, ...]:
+        cap = self._cap
+        if demand.choices is None and demand.min == demand.max:  # the common case
+            amounts: tuple[int, ...] = (demand.min,) if cap is None or demand.min <= cap else ()
+        else:
+            amounts = tuple(a for a in demand.amounts() if cap is None or a <= cap)
+        if not amounts:
+            why = min(self._limits())[1]
+            raise InvalidAction(
+                f"demand for quota pool {self.name!r} asks for at least {demand.min} "
+                f"permits but its {why} allows at most {cap} per action"
+            )
         if self.tpm is not None:
             cost = self.token_cost(action)
             if cost > self.tpm.capacity:
@@ -181,7 +186,7 @@ class QuotaManager(Manager):
         self.tick(now)
         self.in_use -= alloc.amount
         if self.concurrency is not None:
-            self._free_slots.extend(sorted(alloc.units, reverse=True))
+            self._free_slots.extend(alloc.units)
         if self.tpm is not None:
             estimate = self.token_cost(action)
             actual = estimate
