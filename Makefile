@@ -21,7 +21,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 serve: $(STAMP)
 	@if $(BIN)/python -c "import tangram.cli" 2>/dev/null; then \

@@ -36,7 +36,12 @@ class Broker:
         id_prefix: str = "",
     ) -> None:
         self.core = Core(
-            pools, policy, lease_ttl=lease_ttl, cost_clock=time.perf_counter, id_prefix=id_prefix
+            pools,
+            policy,
+            lease_ttl=lease_ttl,
+            cost_clock=time.perf_counter,
+            id_prefix=id_prefix,
+            start=clock(),
         )
         self.clock = clock
         self._waiters: dict[str, asyncio.Future[Lease]] = {}
@@ -45,6 +50,7 @@ class Broker:
         self._timer_at: float | None = None
         self._held: set[str] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._refresh_period = float("inf")
         self._listeners: list[Listener] = []
 
     @classmethod
@@ -195,7 +201,13 @@ class Broker:
     # ------------------------------------------------------------------ batched keep-alive
     def _hold(self, lease: Lease) -> None:
         self._held.add(lease.id)
-        if self._refresher is None or self._refresher.done():
+        period = lease.ttl / 3
+        task = self._refresher
+        if task is not None and not task.done() and period < self._refresh_period:
+            task.cancel()  # a shorter TTL than the sleeping task planned for
+            task = None
+        if task is None or task.done():
+            self._refresh_period = period
             self._refresher = asyncio.get_running_loop().create_task(self._refresh())
 
     async def _refresh(self) -> None:
@@ -206,7 +218,8 @@ class Broker:
                 (self.core.leases[i].ttl for i in self._held if i in self.core.leases),
                 default=self.core.lease_ttl,
             )
-            await asyncio.sleep(ttl / 3)
+            self._refresh_period = ttl / 3
+            await asyncio.sleep(self._refresh_period)
             now = self.clock()
             for lid in list(self._held):
                 try:

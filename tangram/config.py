@@ -120,9 +120,13 @@ def build_pool(name: str, cfg: CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig) 
                 if isinstance(nc.numa, int):
                     if nc.numa < 1 or nc.numa > len(ids):
                         raise ConfigError(f"pool {name}: numa must be 1..{len(ids)}")
-                    per = -(-len(ids) // nc.numa)
-                    groups = [ids[g * per : (g + 1) * per] for g in range(nc.numa)]
-                    groups = [g for g in groups if g]
+                    # Exactly ``numa`` groups in core order, sizes differing by at most one.
+                    per, extra = divmod(len(ids), nc.numa)
+                    groups, at = [], 0
+                    for g in range(nc.numa):
+                        size = per + (1 if g < extra else 0)
+                        groups.append(ids[at : at + size])
+                        at += size
                 else:
                     groups = [list(g) for g in nc.numa]
                     flat = sorted(c for g in groups for c in g)
@@ -142,10 +146,17 @@ def build_pool(name: str, cfg: CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig) 
             for node_name in _node_names(gc.name, f"{name}{i}", gc.count):
                 gnodes.append(GpuNode(node_name, gc.gpus, gc.memory_gb))
         _unique(name, [n.name for n in gnodes])
-        services = [
-            Service(s, sc.memory_gb, sc.restore_seconds, tuple(sorted(set(sc.parallelism))))
-            for s, sc in cfg.services.items()
-        ]
+        largest = max(n.gpus for n in gnodes)
+        services = []
+        for s, sc in cfg.services.items():
+            par = tuple(sorted(set(sc.parallelism)))
+            bad = [k for k in par if k < 1 or k & (k - 1) or k > largest]
+            if bad:
+                raise ConfigError(
+                    f"pool {name}: service {s} parallelism {bad} is not a GPU chunk size "
+                    f"(1, 2, 4... up to {largest})"
+                )
+            services.append(Service(s, sc.memory_gb, sc.restore_seconds, par))
         return GpuManager(name, gnodes, services)
     rate = None
     burst = None
@@ -172,14 +183,18 @@ def _unique(pool: str, names: list[str]) -> None:
 
 
 def parse_config(data: Any) -> Config:
+    """Validate a configuration, its structure included (node names, NUMA groups, GPU
+    sizes, rates), so that a configuration that loads also builds."""
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"])
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
             lines.append(f"{where}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    cfg.build_pools()  # raises ConfigError for what the schema alone cannot see
+    return cfg
 
 
 def load_config(path: str | Path) -> Config:

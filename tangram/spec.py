@@ -144,6 +144,11 @@ class Amdahl:
 
     parallel_fraction: float
 
+    def check(self) -> None:
+        p = self.parallel_fraction
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise InvalidAction(f"efficiency amdahl={p!r}: the parallel fraction must be in [0, 1]")
+
     def speedup(self, m: int) -> float:
         p = self.parallel_fraction
         return 1.0 / ((1.0 - p) + p / m)
@@ -163,6 +168,15 @@ class EfficiencyTable:
     """
 
     table: tuple[tuple[int, float], ...]
+
+    def check(self) -> None:
+        if not self.table:
+            raise InvalidAction("efficiency table is empty")
+        for m, ef in self.table:
+            if m <= 0 or not 0.0 < ef <= 1.0:
+                raise InvalidAction(
+                    f"efficiency table entry {m}: {ef}: units must be positive and E(m) in (0, 1]"
+                )
 
     def speedup(self, m: int) -> float:
         best = None
@@ -188,11 +202,13 @@ def parse_efficiency(raw: Any) -> Efficiency | None:
     if isinstance(raw, Mapping):
         if "amdahl" in raw:
             p = raw["amdahl"]
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            if isinstance(p, bool) or not isinstance(p, (int, float)):
                 raise InvalidAction(
                     f"efficiency amdahl={p!r}: the parallel fraction must be in [0, 1]"
                 )
-            return Amdahl(float(p))
+            eff = Amdahl(float(p))
+            eff.check()
+            return eff
         if "table" in raw and isinstance(raw["table"], Mapping):
             rows: list[tuple[int, float]] = []
             for k, e in raw["table"].items():
@@ -203,15 +219,10 @@ def parse_efficiency(raw: Any) -> Efficiency | None:
                     raise InvalidAction(
                         f"efficiency table entry {k!r}: {e!r} must map units to a number"
                     ) from None
-                if m <= 0 or not 0.0 < ef <= 1.0:
-                    raise InvalidAction(
-                        f"efficiency table entry {k}: {e}: units must be positive and "
-                        "E(m) in (0, 1]"
-                    )
                 rows.append((m, ef))
-            if not rows:
-                raise InvalidAction("efficiency table is empty")
-            return EfficiencyTable(tuple(sorted(rows)))
+            table = EfficiencyTable(tuple(sorted(rows)))
+            table.check()
+            return table
     raise InvalidAction(
         f"efficiency {raw!r} is not understood; write {{'amdahl': 0.95}} or "
         "{'table': {'1': 1.0, '2': 0.97}}"
@@ -321,6 +332,7 @@ class Allocation:
     units: tuple[Any, ...] = ()
     restore: bool = False
     evicts: tuple[str, ...] = ()
+    pinned: bool = False  # this grant pinned the trajectory to ``node`` (CPU pools)
 
     def to_wire(self) -> dict[str, Any]:
         return {"amount": self.amount, "node": self.node, "units": list(self.units)}

@@ -24,6 +24,8 @@ from tangram.core.policy import Policy
 from tangram.spec import (
     Action,
     Allocation,
+    Amdahl,
+    EfficiencyTable,
     InvalidAction,
     Lease,
     LeaseExpired,
@@ -87,6 +89,7 @@ class Core:
         lease_ttl: float = 60.0,
         cost_clock: Callable[[], float] | None = None,
         id_prefix: str = "",
+        start: float | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
@@ -107,6 +110,9 @@ class Core:
         self.fencing = 0
         self.stats = RoundStats()
         self.counts: Counter[str] = Counter()  # submitted, granted, released, expired, ...
+        if start is not None:  # idle time counts from here, not from the first grant
+            for mgr in self.pools.values():
+                mgr.tick(start)
 
     # ------------------------------------------------------------------ submission
     def validate(self, action: Action) -> dict[str, tuple[int, ...]]:
@@ -134,6 +140,10 @@ class Core:
                 f"key resource {action.key!r} is not among the demands "
                 f"({', '.join(action.demands)}); name one of them or leave key out"
             )
+        if action.efficiency is not None:
+            if not isinstance(action.efficiency, (Amdahl, EfficiencyTable)):
+                raise InvalidAction("efficiency must be Amdahl or EfficiencyTable")
+            action.efficiency.check()
         if action.duration is not None and not (
             math.isfinite(action.duration) and action.duration >= 0
         ):
@@ -236,7 +246,11 @@ class Core:
     ) -> Lease | None:
         """Return the lease's units and the lease. Releasing twice is not an error (None
         the second time); releasing a lease that expired raises LeaseExpired."""
-        lease = self.leases.pop(lease_id, None)
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.expires_at <= now:
+            # Past its deadline it is expired, whether or not expire() ran yet.
+            self.expire(now)
+            lease = None
         if lease is None:
             ended = self.ended.get(lease_id)
             if ended is None:
@@ -247,6 +261,7 @@ class Core:
                     "TTL); its units were taken back"
                 )
             return None
+        del self.leases[lease_id]
         lease.state = "released"
         lease.outcome = outcome
         self._free(lease, now, usage)
@@ -410,15 +425,21 @@ class Core:
                 alloc[p] = got
             if len(alloc) != len(order):
                 for p, got in alloc.items():  # roll back; it stays queued
-                    self.pools[p].release(action, got, now, None)
+                    self.pools[p].rollback(action, got, now)
                 continue
             grants.append(Grant(action, self._grant(adm.entry, alloc, now)))
 
         for p, entry in firsts:
             # When could a refilling quota admit the pool's first waiter (after this
             # round's grants took their share)?
-            if entry.action.id in self._queue:
-                t = self.pools[p].ready_at(entry.action, entry.feasible[p][0], now)
+            a = entry.action
+            if a.id in self._queue:
+                amount = (
+                    self.policy.key_amount(entry.feasible[p])
+                    if p == a.key
+                    else entry.feasible[p][0]
+                )
+                t = self.pools[p].ready_at(a, amount, now)
                 if t is not None and (self._ready_at is None or t < self._ready_at):
                     self._ready_at = t
 
@@ -480,34 +501,38 @@ class Core:
         now: float,
         deferred: set[str],
     ) -> None:
+        # A group is every admitted action using one partition (a CPU node, a GPU or quota
+        # pool), in FCFS order: those keyed on it are elastic there, the others hold their
+        # admitted amount. Eviction then only ever defers the group's tail.
         groups: dict[tuple[str, Hashable], list[_Admitted]] = {}
         for adm in admitted:
-            key = adm.entry.action.key
-            if key is not None:
-                groups.setdefault((key, adm.parts[key]), []).append(adm)
+            for p, part in adm.parts.items():
+                groups.setdefault((p, part), []).append(adm)
         for (pool, part), members in groups.items():
-            if any(m.entry.action.profiled for m in members):
+            if any(_elastic_on(m.entry.action, pool) for m in members):
                 self._arrange_group(pool, part, members, waiting, scratches[pool], now, deferred)
 
-    def _costs(self, mgr: Manager, entry: _Entry, pool: str, fallback: float) -> Candidate:
-        a = entry.action
-        feas = entry.feasible[pool]
-        if a.profiled:
+    def _costs(self, mgr: Manager, adm: _Admitted, pool: str, fallback: float) -> Candidate:
+        entry, a = adm.entry, adm.entry.action
+        if _elastic_on(a, pool):
+            feas = entry.feasible[pool]
             if entry.durations is None:
                 entry.durations = a.durations(feas)
             costs = entry.durations
             if mgr.has_extra_cost:
                 costs = costs + [mgr.extra_cost(a, x) for x in feas]
             return Candidate(feas, costs)
-        d = a.duration if a.duration is not None else fallback
-        return Candidate(feas[:1], (d + mgr.extra_cost(a, feas[0]),))
+        amount = adm.amounts[pool]
+        d = a.duration_at(amount) if a.key == pool else a.duration
+        d = d if d is not None else fallback
+        return Candidate((amount,), (d + mgr.extra_cost(a, amount),))
 
     def _waiting(self, mgr: Manager, entry: _Entry, pool: str, fallback: float) -> Waiting:
         """A waiting action as the estimate sees it: its first ``depth`` amounts and costs."""
         a = entry.action
-        if entry.wait is not None and not mgr.has_extra_cost:
-            return entry.wait
-        if entry.wait is not None:
+        if entry.wait is not None and a.key == pool:
+            if not mgr.has_extra_cost:
+                return entry.wait
             feas, costs = entry.wait.amounts, list(entry.wait.costs)
         else:
             feas = entry.feasible[pool][:1]
@@ -529,7 +554,7 @@ class Core:
         mgr = self.pools[pool]
         known = [m.entry.action.duration for m in members if m.entry.action.duration is not None]
         fallback = sum(d for d in known if d is not None) / len(known) if known else 1.0
-        cands = [self._costs(mgr, m.entry, pool, fallback) for m in members]
+        cands = [self._costs(mgr, m, pool, fallback) for m in members]
         op = scratch.operator(part, {m.entry.action.id for m in members})
         n = len(members)
         # Exact for the full list and a few evictions; widened only if eviction goes on.
@@ -542,6 +567,9 @@ class Core:
             assert isinstance(start, tuple)
             free_units = sum(int(c) << i for i, c in enumerate(start))
 
+        # Units past what every candidate could take change nothing in the estimate (and
+        # an unbounded quota would otherwise put a million units in its heap).
+        free_units = min(free_units, sum(c.amounts[-1] for c in cands))
         depth = self.policy.depth
         look = self.policy.lookahead
         outside: list[Waiting] = []
@@ -551,7 +579,7 @@ class Core:
             a = e.action
             if a.key == pool and scratch.partition_of(a) == part:
                 outside.append(self._waiting(mgr, e, pool, fallback))
-        tail = [self._waiting(mgr, m.entry, pool, fallback) for m in members]
+        tail = [Waiting(c.amounts[:depth], tuple(map(float, c.costs[:depth]))) for c in cands]
         busy = self._busy_until(pool, part, now, fallback)
 
         def objective(j: int) -> tuple[float, list[int]]:
@@ -576,7 +604,7 @@ class Core:
         # Greedy eviction: defer the last candidate while that improves the objective.
         # The head always stays (it fits, and deferring everything helps no one); an
         # unprofiled tail cannot be weighed, so eviction stops there.
-        while j > 1 and members[j - 1].entry.action.profiled:
+        while j > 1 and _elastic_on(members[j - 1].entry.action, pool):
             obj, amts = objective(j - 1)
             if obj < best:
                 best, amounts, j = obj, amts, j - 1
@@ -592,6 +620,7 @@ class Core:
 
     def _busy_until(self, pool: str, part: Hashable, now: float, fallback: float) -> list[float]:
         """Projected free times (relative to now) of the partition's busy units."""
+        mgr = self.pools[pool]
         out: list[float] = []
         for lease in self.leases.values():
             alloc = lease.allocation.get(pool)
@@ -599,7 +628,8 @@ class Core:
                 continue
             a = lease.action
             d = a.duration_at(alloc.amount) if a.key == pool else a.duration
-            end = lease.granted_at + (d if d is not None else fallback) - now
+            d = (d if d is not None else fallback) + mgr.held_cost(a, alloc)
+            end = lease.granted_at + d - now
             out.extend([max(end, 0.0)] * alloc.amount)
         return out
 
@@ -620,3 +650,8 @@ class Core:
             "counts": dict(self.counts),
             "rounds": self.stats.rounds,
         }
+
+
+def _elastic_on(action: Action, pool: str) -> bool:
+    """Whether the scheduler may trade units of ``pool`` for the action's time."""
+    return action.key == pool and action.profiled

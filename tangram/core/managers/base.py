@@ -119,6 +119,15 @@ class Manager(ABC):
         self, action: Action, alloc: Allocation, now: float, usage: dict[str, Any] | None
     ) -> None: ...
 
+    def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
+        """Undo an ``allocate`` of this round whose grant was never published (another
+        pool of the same action could not allocate): as if it never happened."""
+        self.release(action, alloc, now, None)
+
+    def held_cost(self, action: Action, alloc: Allocation) -> float:
+        """Time a granted action pays on top of its duration (a restore it needed)."""
+        return 0.0
+
     def extra_cost(self, action: Action, amount: int) -> float:
         """Time the action pays on top of its duration with ``amount`` units (GPU restore)."""
         return 0.0

@@ -81,7 +81,9 @@ class CpuManager(Manager):
                     f"{n.name} ({n.cores} cores, {n.memory_gb:g} GB)" for n in self.nodes.values()
                 )
             )
-        return tuple(a for a in demand.amounts() if a <= self._max_cores)
+        # Only nodes with the trajectory's memory can ever host it.
+        most = max(n.cores for n in self.nodes.values() if n.memory_gb >= action.memory_gb)
+        return tuple(a for a in demand.amounts() if a <= most)
 
     # ---- a round ----------------------------------------------------------------------
     def begin_round(self, now: float) -> Scratch:
@@ -127,7 +129,7 @@ class CpuManager(Manager):
         self.tick(now)
         cores = self._pick(node, amount)
         node.free_count -= amount
-        return Allocation(amount=amount, node=part, units=tuple(cores))
+        return Allocation(amount=amount, node=part, units=tuple(cores), pinned=pin is None)
 
     @staticmethod
     def _pick(node: CpuNode, amount: int) -> list[int]:
@@ -158,6 +160,11 @@ class CpuManager(Manager):
         for c in alloc.units:
             bisect.insort(node.free[groups[c]], c)
         node.free_count += alloc.amount
+
+    def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
+        self.release(action, alloc, now, None)
+        if alloc.pinned:
+            self.close_trajectory(action.trajectory)
 
     def close_trajectory(self, trajectory: str) -> None:
         pin = self.pins.pop(trajectory, None)

@@ -156,11 +156,13 @@ class GpuManager(Manager):
         return (node, start) in self.resident.get((service, k), ())
 
     def extra_cost(self, action: Action, amount: int) -> float:
+        """The restore time a grant of ``amount`` GPUs would pay now: the same choice of
+        chunk as ``allocate`` makes, so the scheduler plans with what will happen."""
         if action.service is None:
             return 0.0
-        for node, start in self.resident.get((action.service, amount), ()):
-            if self._chunk_free(node, start, amount):
-                return 0.0
+        pick = self._choose(amount, action.service)
+        if pick is not None and self.is_resident(action.service, amount, pick[0], pick[2]):
+            return 0.0
         return self.services[action.service].restore_seconds
 
     def observe_restore(self, service: str, seconds: float) -> None:
@@ -214,27 +216,35 @@ class GpuManager(Manager):
     def begin_round(self, now: float) -> Scratch:
         return _GpuScratch(self.counts())
 
-    def allocate(
-        self, action: Action, amount: int, part: Hashable, now: float
-    ) -> Allocation | None:
+    def _choose(self, amount: int, service: str | None) -> tuple[str, int, int, int] | None:
+        """(node, free chunk start, sub-chunk start, chunk size) for ``amount`` GPUs: the
+        smallest free chunk that holds them; among equal ones, and their aligned sub-chunks,
+        one where the service is resident, then the lowest position."""
         size = next(
-            (s for s in self.sizes if s >= amount and any(self.free[n][s] for n in self.free)), None
+            (s for s in self.sizes if s >= amount and any(self.free[n][s] for n in self.free)),
+            None,
         )
         if size is None:
             return None
-        svc = self.services.get(action.service) if action.service else None
-        # Among the equal (smallest sufficient) chunks and their aligned sub-chunks of the
-        # wanted size, prefer one where the service is resident, then the lowest position.
         best: tuple[int, int, int, int, str] | None = None
         for n_i, (node_name, chunks) in enumerate(self.free.items()):
             for first in chunks[size]:
                 for sub in range(first, first + size, amount):
-                    warm = svc is not None and self.is_resident(svc.name, amount, node_name, sub)
+                    warm = service is not None and self.is_resident(service, amount, node_name, sub)
                     rank = (0 if warm else 1, n_i, first, sub, node_name)
                     if best is None or rank < best:
                         best = rank
         assert best is not None
-        node, start, sub = best[4], best[2], best[3]
+        return best[4], best[2], best[3], size
+
+    def allocate(
+        self, action: Action, amount: int, part: Hashable, now: float
+    ) -> Allocation | None:
+        pick = self._choose(amount, action.service)
+        if pick is None:
+            return None
+        node, start, sub, size = pick
+        svc = self.services.get(action.service) if action.service else None
         self.tick(now)
         chunks = self.free[node]
         chunks[size].discard(start)
@@ -263,6 +273,19 @@ class GpuManager(Manager):
             restore=restore,
             evicts=tuple(evicted),
         )
+
+    def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
+        self.release(action, alloc, now, None)
+        if alloc.restore and action.service is not None:
+            # It was never restored; what it evicted stays evicted (nothing to write back).
+            self._evict(alloc.node or "", (action.service, alloc.amount, alloc.units[0]))
+            self.evictions -= 1
+            self.restores -= 1
+
+    def held_cost(self, action: Action, alloc: Allocation) -> float:
+        if alloc.restore and action.service is not None:
+            return self.services[action.service].restore_seconds
+        return 0.0
 
     def release(
         self, action: Action, alloc: Allocation, now: float, usage: dict[str, Any] | None

@@ -198,6 +198,23 @@ class QuotaManager(Manager):
             self.tpm.level = min(self.tpm.capacity, self.tpm.level - (actual - estimate))
             self.tokens_used_total += actual
 
+    def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
+        self.release(action, alloc, now, None)
+        # Give back what the grant charged: the window entry, the rate permits, the tokens.
+        if self.window_limit is not None:
+            for i in range(len(self._window) - 1, -1, -1):
+                if self._window[i] == (now, alloc.amount):
+                    del self._window[i]
+                    self._window_count -= alloc.amount
+                    break
+        if self.rate is not None:
+            self.rate.level = min(self.rate.capacity, self.rate.level + alloc.amount)
+        if self.tpm is not None:
+            cost = self.token_cost(action)
+            self.tpm.level = min(self.tpm.capacity, self.tpm.level + cost)
+            self.tokens_estimated_total -= cost
+            self.tokens_used_total -= cost
+
     # ---- capacity ---------------------------------------------------------------------
     def usage(self) -> dict[str, tuple[int, int]]:
         return {"": (self.concurrency or 0, self.in_use)}
