@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
 
 from tangram.config import Config
@@ -140,22 +140,11 @@ class Broker:
     def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot(self.clock())
 
-    @asynccontextmanager
-    async def lease(self, action: Action, *, timeout: float | None = None) -> AsyncIterator[Lease]:
+    def lease(self, action: Action, *, timeout: float | None = None) -> LeaseContext:
         """``async with broker.lease(action) as lease:`` holds the units for the body and
         releases them on exit, also on exceptions and cancellation. The lease is kept
         alive (batched heartbeats) while the body runs."""
-        lease = await self.acquire(action, timeout)
-        self._hold(lease)
-        try:
-            yield lease
-        except BaseException:
-            # If it expired meanwhile, the body's own error matters more.
-            with contextlib.suppress(TangramError):
-                self.release(lease.id, outcome="error")
-            raise
-        else:
-            self.release(lease.id, outcome="ok")
+        return LeaseContext(self, action, timeout)
 
     # ------------------------------------------------------------------ the driver
     def _kick(self) -> None:
@@ -242,3 +231,35 @@ class Broker:
                 fut.set_exception(ActionCancelled("broker closed"))
             self.core.cancel(aid, self.clock())
         self._waiters.clear()
+
+
+class LeaseContext:
+    """The ``async with`` of ``Broker.lease`` (a plain class: it runs on every action)."""
+
+    __slots__ = ("_action", "_broker", "_lease", "_timeout")
+
+    def __init__(self, broker: Broker, action: Action, timeout: float | None) -> None:
+        self._broker = broker
+        self._action = action
+        self._timeout = timeout
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        lease = await self._broker.acquire(self._action, self._timeout)
+        self._lease = lease
+        self._broker._hold(lease)
+        return lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._lease is not None
+        if exc_type is None:
+            self._broker.release(self._lease.id, outcome="ok")
+            return
+        # If it expired meanwhile, the body's own error matters more.
+        with contextlib.suppress(TangramError):
+            self._broker.release(self._lease.id, outcome="error")

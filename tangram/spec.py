@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -116,6 +116,12 @@ class Demand:
         if self.choices is not None:
             return self.choices
         return tuple(range(self.min, self.max + 1))
+
+    def upto(self, limit: int) -> tuple[int, ...]:
+        """The feasible amounts no larger than ``limit``, ascending."""
+        if self.max <= limit:
+            return self.amounts()
+        return tuple(a for a in self.amounts() if a <= limit)
 
     @property
     def elastic(self) -> bool:
@@ -323,9 +329,9 @@ class Action:
 # --------------------------------------------------------------------------- leases
 
 
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    """The exact units of one pool given to one lease."""
+class Allocation(NamedTuple):
+    """The exact units of one pool given to one lease (a named tuple: made on every
+    grant, so cheap to build)."""
 
     amount: int
     node: str | None = None

@@ -280,3 +280,17 @@ def test_snapshot_counts(make_core):
     snap = core.snapshot(5.0)
     assert snap["counts"] == {"submitted": 3, "granted": 2, "released": 1, "expired": 1}
     assert (snap["queued"], snap["leases"], snap["fencing"]) == (1, 0, 2)
+
+
+def test_expiry_heap_stays_bounded_and_correct_under_heavy_churn(make_core):
+    core = make_core(CPU4, lease_ttl=100.0)
+    keeper = grant_one(core, 0.0, traj="keeper")
+    for i in range(10_000):  # each release leaves a stale heap entry behind
+        lease = grant_one(core, 0.001 * i, traj=f"t{i}")
+        core.release(lease.id, 0.001 * i)
+    assert len(core._expiry) <= 2 * len(core.leases) + 4096
+    # The one live lease still expires on time.
+    assert core.expire(99.9) == []
+    (ev,) = core.expire(100.0)
+    assert ev.lease.id == keeper.id
+    assert in_use(core, 100.0) == 0

@@ -184,19 +184,26 @@ class _ScanDP(PrefixDP):
         total = float(row[e])
         if not math.isfinite(total):
             return INF, []
-        i = j
-        while e > 0:  # walk back choosing each candidate's extra; the rest take minimum
-            own = self.own[i - 1]
-            if i == 1:
-                x = e
-            else:
-                prev = self.prefix[i - 2]
-                x = min(range(e + 1), key=lambda x: prev[e - x] + own[x])
-            if x:
-                c = self.cands[i - 1]
-                out[i - 1] = c.amounts[0] + x
+        # Walk back: find the last candidate (below the one placed before) whose best
+        # share of the e extra units is not zero, all at once per placement; everyone in
+        # between takes their minimum. At most ``cap`` placements.
+        top = j - 1  # 0-based index of the highest candidate not yet decided
+        while e > 0:
+            if top == 0:
+                out[0] += e
+                break
+            pred = self.prefix[:top, e::-1]  # pred[k - 1, x] = prefix[k - 1][e - x]
+            vals = pred + self.own[1 : top + 1, : e + 1]
+            xs = np.argmin(vals, axis=1)  # ties go to x = 0 (the minimum)
+            moved = np.flatnonzero(xs)
+            if len(moved) == 0:
+                out[0] += e  # only the first candidate can have taken them
+                break
+            k = int(moved[-1]) + 1
+            x = int(xs[k - 1])
+            out[k] += x
             e -= x
-            i -= 1
+            top = k - 1
         return total, out
 
 

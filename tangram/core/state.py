@@ -262,6 +262,11 @@ class Core:
                 )
             return None
         del self.leases[lease_id]
+        if len(self._expiry) > 2 * len(self.leases) + 4096:
+            # Released leases leave their entries behind until their deadline; at high
+            # rates that is millions of them. Rebuild from the live leases instead.
+            self._expiry = [(x.expires_at, i) for i, x in self.leases.items()]
+            heapq.heapify(self._expiry)
         lease.state = "released"
         lease.outcome = outcome
         self._free(lease, now, usage)
@@ -579,7 +584,14 @@ class Core:
             a = e.action
             if a.key == pool and scratch.partition_of(a) == part:
                 outside.append(self._waiting(mgr, e, pool, fallback))
-        tail = [Waiting(c.amounts[:depth], tuple(map(float, c.costs[:depth]))) for c in cands]
+        tail = [
+            m.entry.wait
+            if m.entry.wait is not None
+            and not mgr.has_extra_cost
+            and _elastic_on(m.entry.action, pool)
+            else Waiting(c.amounts[:depth], tuple(map(float, c.costs[:depth])))
+            for m, c in zip(members, cands, strict=True)
+        ]
         busy = self._busy_until(pool, part, now, fallback)
 
         def objective(j: int) -> tuple[float, list[int]]:

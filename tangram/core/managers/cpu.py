@@ -58,7 +58,7 @@ class CpuManager(Manager):
                     f"{action.trajectory!r} is pinned to node {node.name!r}, which has "
                     f"{node.cores} cores; ask for at most {node.cores} or close the trajectory"
                 )
-            return tuple(a for a in demand.amounts() if a <= node.cores)
+            return demand.upto(node.cores)
         if demand.min > self._max_cores:
             raise InvalidAction(
                 f"demand {self.name}={demand.to_wire()} can never fit: the largest node of "
@@ -82,8 +82,10 @@ class CpuManager(Manager):
                 )
             )
         # Only nodes with the trajectory's memory can ever host it.
-        most = max(n.cores for n in self.nodes.values() if n.memory_gb >= action.memory_gb)
-        return tuple(a for a in demand.amounts() if a <= most)
+        most = self._max_cores
+        if action.memory_gb > 0:
+            most = max(n.cores for n in self.nodes.values() if n.memory_gb >= action.memory_gb)
+        return demand.upto(most)
 
     # ---- a round ----------------------------------------------------------------------
     def begin_round(self, now: float) -> Scratch:
@@ -135,9 +137,12 @@ class CpuManager(Manager):
     def _pick(node: CpuNode, amount: int) -> list[int]:
         # Best fit: the NUMA group with the fewest free cores that still holds them all,
         # which keeps large groups whole for large requests.
-        fitting = [g for g in node.free if len(g) >= amount]
-        if fitting:
-            group = min(fitting, key=len)
+        group, size = None, 1 << 30
+        for g in node.free:
+            n = len(g)
+            if amount <= n < size:
+                group, size = g, n
+        if group is not None:
             cores = group[:amount]
             del group[:amount]
             return cores

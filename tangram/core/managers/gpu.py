@@ -61,6 +61,11 @@ def take_chunk(counts: tuple[int, ...], k: int) -> tuple[int, ...] | None:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
+def chunk_units(counts: tuple[int, ...]) -> int:
+    return sum(c << i for i, c in enumerate(counts))
+
+
 class ChunkOperator(Operator):
     """The paper's GPU operator: the state is the count of free chunks per size."""
 
@@ -74,7 +79,7 @@ class ChunkOperator(Operator):
         return take_chunk(state, k)
 
     def units(self, state: tuple[int, ...]) -> int:
-        return sum(c << i for i, c in enumerate(state))
+        return chunk_units(state)
 
 
 class GpuManager(Manager):
@@ -108,6 +113,7 @@ class GpuManager(Manager):
         self.mem_used: dict[str, list[float]] = {n.name: [0.0] * n.gpus for n in nodes}
         self.resident: dict[Variant, set[tuple[str, int]]] = {}
         self.in_use = 0
+        self._extra_memo: dict[tuple[str, int], float] = {}
         self.restores = 0
         self.evictions = 0
         self.cache_hits = 0
@@ -160,20 +166,26 @@ class GpuManager(Manager):
         chunk as ``allocate`` makes, so the scheduler plans with what will happen."""
         if action.service is None:
             return 0.0
-        pick = self._choose(amount, action.service)
-        if pick is not None and self.is_resident(action.service, amount, pick[0], pick[2]):
-            return 0.0
-        return self.services[action.service].restore_seconds
+        key = (action.service, amount)
+        cost = self._extra_memo.get(key)
+        if cost is None:  # the same answer until the free chunks or the cache change
+            pick = self._choose(amount, action.service)
+            warm = pick is not None and self.is_resident(action.service, amount, pick[0], pick[2])
+            cost = 0.0 if warm else self.services[action.service].restore_seconds
+            self._extra_memo[key] = cost
+        return cost
 
     def observe_restore(self, service: str, seconds: float) -> None:
         """Feed a measured restore time back into the cost model (moving average)."""
         svc = self.services[service]
+        self._extra_memo.clear()
         self.restore_seconds_total += seconds
         new = 0.8 * svc.restore_seconds + 0.2 * seconds
         self.services[service] = Service(svc.name, svc.memory_gb, new, svc.parallelism)
 
     def _evict(self, node: str, entry: tuple[str, int, int]) -> None:
         service, k, start = entry
+        self._extra_memo.clear()
         for g in range(start, start + k):
             fp = self.cache[node][g].pop(entry, None)
             if fp is not None:
@@ -245,6 +257,7 @@ class GpuManager(Manager):
             return None
         node, start, sub, size = pick
         svc = self.services.get(action.service) if action.service else None
+        self._extra_memo.clear()
         self.tick(now)
         chunks = self.free[node]
         chunks[size].discard(start)
@@ -292,6 +305,7 @@ class GpuManager(Manager):
     ) -> None:
         assert alloc.node is not None
         self.tick(now)
+        self._extra_memo.clear()
         node, start, size = alloc.node, alloc.units[0], alloc.amount
         busy = self.busy[node]
         for g in alloc.units:
