@@ -1,0 +1,1 @@
+"""The HTTP lease API (FastAPI under uvicorn)."""
