@@ -71,6 +71,17 @@ class _Admitted:
 
 
 @dataclass(slots=True)
+class _Round:
+    """What one scheduling round collects while it walks the queue."""
+
+    scratches: dict[str, Scratch] = field(default_factory=dict)
+    admitted: list[_Admitted] = field(default_factory=list)
+    waiting: list[_Entry] = field(default_factory=list)  # in FCFS order
+    saturated: set[str] = field(default_factory=set)
+    firsts: list[tuple[str, _Entry]] = field(default_factory=list)  # first waiter per pool
+
+
+@dataclass(slots=True)
 class RoundStats:
     rounds: int = 0
     candidates: int = 0
@@ -339,30 +350,51 @@ class Core:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self, now: float) -> list[Grant]:
-        """One scheduling round: FCFS admission at minimum, elastic arrangement per key
+        """One scheduling round: FCFS admission at minimum, elastic arrangement per
         partition (tangram policy), then exact allocation. Returns the grants."""
         self._ready_at = None
         if not self._queue:
             return []
         clock = self._cost_clock
         t0 = clock() if clock is not None else 0.0
+        rnd = _Round()
+        self._admit(rnd, now)
+        deferred: set[str] = set()
+        if self.policy.elastic and rnd.admitted:
+            self._arrange(rnd.admitted, rnd.waiting, rnd.scratches, now, deferred)
+        if deferred:
+            self._cascade(rnd.admitted, deferred)
+        grants = self._commit(rnd.admitted, deferred, now)
+        self._note_ready(rnd.firsts, now)
+
+        st = self.stats
+        st.rounds += 1
+        st.candidates += len(rnd.admitted)
+        st.last_candidates = len(rnd.admitted)
+        st.deferred += len(deferred)
+        if clock is not None:
+            cost = clock() - t0
+            st.seconds += cost
+            st.last_seconds = cost
+            for g in grants:
+                g.lease.overhead = cost
+        return grants
+
+    def _admit(self, rnd: _Round, now: float) -> None:
+        """Walk the queue in FCFS order admitting every action whose minimum fits, unless
+        an earlier waiter competes for the same units. Stops when every pool in demand is
+        saturated (after ``lookahead`` more waiters when the estimate will need them)."""
         policy = self.policy
-        scratches: dict[str, Scratch] = {}
-        admitted: list[_Admitted] = []
-        waiting: list[_Entry] = []
-        active = {p for p, n in self._queued_pools.items() if n > 0}
-        saturated: set[str] = set()
-        firsts: list[tuple[str, _Entry]] = []  # the first waiter of each pool
+        scratches = rnd.scratches
+        active = sum(1 for n in self._queued_pools.values() if n > 0)
         look = policy.lookahead if policy.elastic else 0
         elastic = False  # whether any admitted action lets the DP trade units for time
         for entry in self._queue.values():
-            if len(saturated) == len(active):
-                # Nothing more can be admitted; the tangram estimate still wants to know
-                # who waits next, when there is something to arrange.
+            if len(rnd.saturated) == active:
                 if look <= 0 or not elastic:
                     break
                 look -= 1
-                waiting.append(entry)
+                rnd.waiting.append(entry)
                 continue
             action = entry.action
             scrs = []
@@ -377,42 +409,36 @@ class Core:
                     blocked = True
                     break
             if blocked:
-                self._block(entry, scrs, saturated, firsts)
-                waiting.append(entry)
+                self._block(entry, scrs, rnd)
                 continue
             adm = _Admitted(entry, {})
             key = action.key
-            ok = True
             for p, s in scrs:
                 amount = policy.key_amount(entry.feasible[p]) if p == key else entry.feasible[p][0]
                 part = s.fit(action, amount)
                 if part is None:
-                    ok = False
+                    for q, got in adm.amounts.items():
+                        scratches[q].unfit(action, got, adm.parts[q])
+                    self._block(entry, scrs, rnd)
                     break
                 adm.amounts[p] = amount
                 adm.parts[p] = part
-            if ok:
-                admitted.append(adm)
-                if entry.wait is not None:
-                    elastic = True
             else:
-                for p, amount in adm.amounts.items():
-                    scratches[p].unfit(action, amount, adm.parts[p])
-                self._block(entry, scrs, saturated, firsts)
-                waiting.append(entry)
+                rnd.admitted.append(adm)
+                elastic = elastic or entry.wait is not None
 
-        deferred: set[str] = set()
-        if policy.elastic and admitted:
-            self._arrange(admitted, waiting, scratches, now, deferred)
-        if deferred:
-            # No later action may overtake a deferred one on the units it competes for.
-            held: set[tuple[str, Hashable]] = set()
-            for adm in admitted:
-                keys = [(p, adm.parts[p]) for p in adm.amounts]
-                if adm.entry.action.id in deferred or any(k in held for k in keys):
-                    deferred.add(adm.entry.action.id)
-                    held.update(keys)
+    def _cascade(self, admitted: list[_Admitted], deferred: set[str]) -> None:
+        """No later action may overtake a deferred one on the units it competes for."""
+        held: set[tuple[str, Hashable]] = set()
+        for adm in admitted:
+            keys = [(p, adm.parts[p]) for p in adm.amounts]
+            if adm.entry.action.id in deferred or any(k in held for k in keys):
+                deferred.add(adm.entry.action.id)
+                held.update(keys)
 
+    def _commit(self, admitted: list[_Admitted], deferred: set[str], now: float) -> list[Grant]:
+        """Take the exact units of every admitted, undeferred action, in FCFS order. An
+        action one of whose pools cannot allocate is rolled back and stays queued."""
         grants: list[Grant] = []
         for adm in admitted:
             action = adm.entry.action
@@ -429,54 +455,38 @@ class Core:
                     break
                 alloc[p] = got
             if len(alloc) != len(order):
-                for p, got in alloc.items():  # roll back; it stays queued
+                for p, got in alloc.items():
                     self.pools[p].rollback(action, got, now)
                 continue
             grants.append(Grant(action, self._grant(adm.entry, alloc, now)))
-
-        for p, entry in firsts:
-            # When could a refilling quota admit the pool's first waiter (after this
-            # round's grants took their share)?
-            a = entry.action
-            if a.id in self._queue:
-                amount = (
-                    self.policy.key_amount(entry.feasible[p])
-                    if p == a.key
-                    else entry.feasible[p][0]
-                )
-                t = self.pools[p].ready_at(a, amount, now)
-                if t is not None and (self._ready_at is None or t < self._ready_at):
-                    self._ready_at = t
-
-        st = self.stats
-        st.rounds += 1
-        st.candidates += len(admitted)
-        st.last_candidates = len(admitted)
-        st.deferred += len(deferred)
-        if clock is not None:
-            cost = clock() - t0
-            st.seconds += cost
-            st.last_seconds = cost
-            for g in grants:
-                g.lease.overhead = cost
         return grants
 
-    def _block(
-        self,
-        entry: _Entry,
-        scrs: list[tuple[str, Scratch]],
-        saturated: set[str],
-        firsts: list[tuple[str, _Entry]],
-    ) -> None:
+    def _note_ready(self, firsts: list[tuple[str, _Entry]], now: float) -> None:
+        """When could a refilling quota admit each pool's first waiter, now that this
+        round's grants took their share?"""
+        for p, entry in firsts:
+            a = entry.action
+            if a.id not in self._queue:
+                continue
+            amount = (
+                self.policy.key_amount(entry.feasible[p]) if p == a.key else entry.feasible[p][0]
+            )
+            t = self.pools[p].ready_at(a, amount, now)
+            if t is not None and (self._ready_at is None or t < self._ready_at):
+                self._ready_at = t
+
+    def _block(self, entry: _Entry, scrs: list[tuple[str, Scratch]], rnd: _Round) -> None:
+        """``entry`` waits: later competitors on each of its pools wait behind it."""
         action = entry.action
+        rnd.waiting.append(entry)
         for p, s in scrs:
-            if p in saturated:
+            if p in rnd.saturated:
                 continue
             if not s.blocked(action):
-                firsts.append((p, entry))
+                rnd.firsts.append((p, entry))
             s.block(action)
             if s.saturated:
-                saturated.add(p)
+                rnd.saturated.add(p)
 
     def _grant(self, entry: _Entry, alloc: dict[str, Allocation], now: float) -> Lease:
         action = entry.action
