@@ -18,7 +18,14 @@ class TangramError(Exception):
 
 
 class InvalidAction(TangramError):
-    """The action can never be granted as written; the message says why and what would fit."""
+    """The action can never be granted as written; the message says why and what would fit.
+
+    ``reason`` is a short code for metrics and clients: malformed, bad_demand,
+    unknown_pool, unknown_service, never_fits, duplicate_id."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnknownLease(TangramError):
@@ -103,12 +110,14 @@ class Demand:
         if self.min <= 0:
             raise InvalidAction(
                 f"demand for pool {pool!r} asks for {self.min} units; amounts must be positive "
-                "(leave the pool out of the demands if the action does not use it)"
+                "(leave the pool out of the demands if the action does not use it)",
+                "bad_demand",
             )
         if self.min > self.max:
             raise InvalidAction(
                 f"demand for pool {pool!r} has min {self.min} > max {self.max}; "
-                f"write min <= max, for example {{'min': {self.max}, 'max': {self.min}}}"
+                f"write min <= max, for example {{'min': {self.max}, 'max': {self.min}}}",
+                "bad_demand",
             )
 
     def amounts(self) -> tuple[int, ...]:

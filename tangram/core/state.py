@@ -15,7 +15,7 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tangram.core.arrange import Candidate, Waiting, solve, waiting_cost
 from tangram.core.managers.base import CountOperator, Manager, Scratch
@@ -34,6 +34,18 @@ from tangram.spec import (
 )
 
 ENDED_KEPT = 100_000  # ended leases remembered for idempotent release and clear errors
+
+
+class Observer(Protocol):
+    """Something told of every event the core decides (metrics, a journal). Called
+    synchronously; it must not call back into the core."""
+
+    def on_submit(self, action: Action, now: float) -> None: ...
+    def on_refuse(self, action: Action, reason: str) -> None: ...
+    def on_grant(self, lease: Lease, now: float) -> None: ...
+    def on_end(self, lease: Lease, now: float) -> None: ...  # released or expired
+    def on_cancel(self, action: Action, now: float) -> None: ...
+    def on_round(self, seconds: float, candidates: int, deferred: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -61,6 +73,7 @@ class _Entry:
     feasible: dict[str, tuple[int, ...]]
     durations: Any = None  # the key pool's duration per feasible amount, computed once
     wait: Waiting | None = None  # how the estimate sees it while it waits (cached)
+    throttled_on: tuple[str, ...] = ()  # pools whose time-based limit held it back
 
 
 @dataclass(slots=True)
@@ -112,6 +125,8 @@ class Core:
         self._queue: dict[str, _Entry] = {}
         self._queued_pools: Counter[str] = Counter()
         self.leases: dict[str, Lease] = {}
+        self.lease_of: dict[str, str] = {}  # action id -> id of its live lease
+        self.observers: list[Observer] = []  # told of every event (metrics, journals)
         # lease id -> (state, expires_at, ended_at) of the last ENDED_KEPT ended leases.
         # Plain tuples of atomic values: the garbage collector need not track them.
         self.ended: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
@@ -139,7 +154,8 @@ class Core:
         for pool, demand in action.demands.items():
             if pool not in self.pools:
                 raise InvalidAction(
-                    f"unknown pool {pool!r}; this broker has: " + ", ".join(sorted(self.pools))
+                    f"unknown pool {pool!r}; this broker has: " + ", ".join(sorted(self.pools)),
+                    "unknown_pool",
                 )
             demand.check_shape(pool)
         if action.key is None:
@@ -174,19 +190,30 @@ class Core:
                 hint = (
                     f"demand GPUs from {', '.join(knowing)}" if knowing else "no GPU pool knows it"
                 )
-                raise InvalidAction(f"service {action.service!r} needs a GPU demand; {hint}")
-        return {p: self.pools[p].feasible(action, d) for p, d in action.demands.items()}
+                raise InvalidAction(
+                    f"service {action.service!r} needs a GPU demand; {hint}", "unknown_service"
+                )
+        try:
+            return {p: self.pools[p].feasible(action, d) for p, d in action.demands.items()}
+        except InvalidAction as exc:
+            if exc.reason == "malformed":  # the pools refuse what they could never grant
+                exc.reason = "never_fits"
+            raise
 
     def submit(self, action: Action, now: float) -> Action:
         """Queue a valid action (an id is assigned if it has none); raise InvalidAction."""
-        feasible = self.validate(action)
+        try:
+            feasible = self.validate(action)
+            if action.id and (action.id in self._queue or action.id in self.lease_of):
+                raise InvalidAction(f"action id {action.id!r} is already in use", "duplicate_id")
+        except InvalidAction as exc:
+            self.counts["refused"] += 1
+            for o in self.observers:
+                o.on_refuse(action, exc.reason)
+            raise
         self._seq += 1
         if not action.id:
             action.id = f"{self._prefix}a{self._seq}"
-        elif action.id in self._queue or any(
-            lease.action.id == action.id for lease in self.leases.values()
-        ):
-            raise InvalidAction(f"action id {action.id!r} is already in use")
         action.seq = self._seq
         action.submitted_at = now
         entry = _Entry(action, feasible)
@@ -199,6 +226,8 @@ class Core:
         self._queue[action.id] = entry
         self._queued_pools.update(action.demands.keys())
         self.counts["submitted"] += 1
+        for o in self.observers:
+            o.on_submit(action, now)
         return action
 
     def _dequeue(self, entry: _Entry) -> None:
@@ -214,6 +243,8 @@ class Core:
             return None
         self._dequeue(entry)
         self.counts["cancelled"] += 1
+        for o in self.observers:
+            o.on_cancel(entry.action, now)
         return entry.action
 
     def close_trajectory(self, trajectory: str, now: float) -> list[Cancellation]:
@@ -225,6 +256,8 @@ class Core:
         for entry in [e for e in self._queue.values() if e.action.trajectory == trajectory]:
             self._dequeue(entry)
             self.counts["cancelled"] += 1
+            for o in self.observers:
+                o.on_cancel(entry.action, now)
             out.append(Cancellation(entry.action, "trajectory closed"))
         return out
 
@@ -233,6 +266,10 @@ class Core:
 
     def is_queued(self, action_id: str) -> bool:
         return action_id in self._queue
+
+    def queued_per_pool(self) -> dict[str, int]:
+        """How many queued actions demand each pool."""
+        return {p: n for p, n in self._queued_pools.items() if n > 0}
 
     @property
     def queue_length(self) -> int:
@@ -324,6 +361,9 @@ class Core:
         for pool, alloc in lease.allocation.items():
             self.pools[pool].release(lease.action, alloc, now, usage)
         lease.ended_at = now
+        self.lease_of.pop(lease.action.id, None)
+        for o in self.observers:
+            o.on_end(lease, now)
         ended = self.ended
         ended[lease.id] = (lease.state, lease.expires_at, now)
         if len(ended) > ENDED_KEPT:
@@ -372,12 +412,17 @@ class Core:
         st.candidates += len(rnd.admitted)
         st.last_candidates = len(rnd.admitted)
         st.deferred += len(deferred)
+        cost = 0.0
         if clock is not None:
             cost = clock() - t0
             st.seconds += cost
             st.last_seconds = cost
+        for g in grants:
+            g.lease.overhead = cost
+        for o in self.observers:
             for g in grants:
-                g.lease.overhead = cost
+                o.on_grant(g.lease, now)
+            o.on_round(cost, len(rnd.admitted), len(deferred))
         return grants
 
     def _admit(self, rnd: _Round, now: float) -> None:
@@ -472,7 +517,12 @@ class Core:
                 self.policy.key_amount(entry.feasible[p]) if p == a.key else entry.feasible[p][0]
             )
             t = self.pools[p].ready_at(a, amount, now)
-            if t is not None and (self._ready_at is None or t < self._ready_at):
+            if t is None:
+                continue
+            if p not in entry.throttled_on:  # held back by a rate, window or token limit
+                entry.throttled_on += (p,)
+                self.pools[p].throttled_total += 1
+            if self._ready_at is None or t < self._ready_at:
                 self._ready_at = t
 
     def _block(self, entry: _Entry, scrs: list[tuple[str, Scratch]], rnd: _Round) -> None:
@@ -503,6 +553,7 @@ class Core:
             ttl=ttl,
         )
         self.leases[lease.id] = lease
+        self.lease_of[action.id] = lease.id
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
         self.counts["granted"] += 1
         return lease

@@ -97,6 +97,8 @@ class Manager(ABC):
         self.busy_seconds: dict[str, float] = {}
         self.idle_seconds: dict[str, float] = {}
         self._last: float | None = None
+        # Actions a time-based limit (rate, window, tokens) held back, once per action.
+        self.throttled_total = 0
 
     # ---- validation -----------------------------------------------------------------
     @abstractmethod

@@ -135,7 +135,8 @@ class GpuManager(Manager):
                 known = ", ".join(sorted(self.services)) or "none"
                 raise InvalidAction(
                     f"service {action.service!r} is unknown to GPU pool {self.name!r}; "
-                    f"known services: {known}"
+                    f"known services: {known}",
+                    "unknown_service",
                 )
             allowed = tuple(a for a in ok if a in svc.parallelism)
             if not allowed:

@@ -1,0 +1,278 @@
+"""Prometheus metrics of one broker core (docs/observability.md lists every metric).
+
+Two halves, both on one ``CollectorRegistry``:
+- an observer of the core's events (submit, refuse, grant, end, cancel, round) that
+  feeds counters and histograms as things happen;
+- a collector that reads the pools at scrape time (capacity, units in use, busy and
+  idle unit-seconds, queue length, GPU cache and quota state), so gauges are never stale
+  and cost nothing between scrapes.
+
+Labels are low-cardinality only: pool, node, kind, task, tenant, outcome, reason, limit.
+Never a label per action, lease or trajectory. Scrape from the thread that drives the
+core (the HTTP route does: it runs on the broker's event loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tangram.core.managers.gpu import GpuManager
+from tangram.core.managers.quota import QuotaManager
+from tangram.core.state import Core
+from tangram.spec import Action, Lease
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Action times span a millisecond sandbox call to a half-hour test suite.
+TIME_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 1800.0,
+)  # fmt: skip
+ROUND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DOP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Attach to a core: ``Metrics(core, clock)``; ``exposition()`` is the /metrics body."""
+
+    def __init__(
+        self,
+        core: Core,
+        clock: Callable[[], float],
+        registry: CollectorRegistry | None = None,
+        *,
+        process: bool = True,
+    ) -> None:
+        self.core = core
+        self.registry = reg = registry if registry is not None else CollectorRegistry()
+        if process:  # process and Python runtime metrics, as every exporter has them
+            for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                reg.register(c)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, doc, labels, registry=reg)
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ("kind", "task"), registry=reg, buckets=buckets)
+
+        who = ("task", "tenant")
+        self.submitted = counter("tangram_actions_submitted", "Actions queued.", who)
+        self.refused = counter(
+            "tangram_actions_refused", "Actions refused at submit, by reason.", ("reason", "tenant")
+        )
+        self.granted = counter("tangram_actions_granted", "Actions granted a lease.", who)
+        self.released = counter(
+            "tangram_actions_released", "Leases released, by outcome.", (*who, "outcome")
+        )
+        self.expired = counter(
+            "tangram_actions_expired", "Leases taken back after their TTL ran out.", who
+        )
+        self.cancelled = counter(
+            "tangram_actions_cancelled", "Queued actions cancelled before a grant.", who
+        )
+        self.act = hist(
+            "tangram_action_completion_seconds",
+            "Action completion time, submit to release: queue + overhead + restore + execution.",
+            TIME_BUCKETS,
+        )
+        self.queue = hist(
+            "tangram_action_queue_seconds", "Time from submit to grant.", TIME_BUCKETS
+        )
+        self.execution = hist(
+            "tangram_action_execution_seconds",
+            "Time the lease was held, less scheduling overhead and restore.",
+            TIME_BUCKETS,
+        )
+        self.overhead = hist(
+            "tangram_action_overhead_seconds",
+            "Scheduling overhead: the wall time of the round that granted the action.",
+            TIME_BUCKETS,
+        )
+        self.restore = hist(
+            "tangram_action_restore_seconds",
+            "Service restore time paid by GPU actions (their pool's restore estimate).",
+            TIME_BUCKETS,
+        )
+        self.dop = Histogram(
+            "tangram_granted_parallelism",
+            "Units granted on the key pool to elastic actions.",
+            ("pool",),
+            registry=reg,
+            buckets=DOP_BUCKETS,
+        )
+        self.round = Histogram(
+            "tangram_scheduler_round_seconds",
+            "Wall time of one scheduling round.",
+            registry=reg,
+            buckets=ROUND_BUCKETS,
+        )
+        self.candidates = Histogram(
+            "tangram_scheduler_candidates",
+            "Actions admitted (at their minimum) per scheduling round.",
+            registry=reg,
+            buckets=COUNT_BUCKETS,
+        )
+        self.deferred = Counter(
+            "tangram_scheduler_deferred", "Admitted actions the elastic scheduler deferred.",
+            registry=reg,
+        )  # fmt: skip
+        reg.register(_PoolCollector(core, clock))
+        core.observers.append(self)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------------ the observer
+    def _kind(self, action: Action) -> str:
+        pools = self.core.pools
+        if action.key is not None:
+            return pools[action.key].kind
+        kinds = {pools[p].kind for p in action.demands}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def on_submit(self, action: Action, now: float) -> None:
+        self.submitted.labels(action.task, action.tenant or "").inc()
+
+    def on_refuse(self, action: Action, reason: str) -> None:
+        self.refused.labels(reason, action.tenant or "").inc()
+
+    def on_grant(self, lease: Lease, now: float) -> None:
+        a = lease.action
+        self.granted.labels(a.task, a.tenant or "").inc()
+        labels = (self._kind(a), a.task)
+        self.queue.labels(*labels).observe(lease.granted_at - a.submitted_at)
+        self.overhead.labels(*labels).observe(lease.overhead)
+        key = a.key
+        if key is not None and a.demands[key].elastic:
+            self.dop.labels(key).observe(lease.allocation[key].amount)
+
+    def on_end(self, lease: Lease, now: float) -> None:
+        a = lease.action
+        who = (a.task, a.tenant or "")
+        if lease.state == "expired":
+            self.expired.labels(*who).inc()
+        else:
+            self.released.labels(*who, lease.outcome or "ok").inc()
+        labels = (self._kind(a), a.task)
+        restore = sum(
+            self.core.pools[p].held_cost(a, alloc) for p, alloc in lease.allocation.items()
+        )
+        held = now - lease.granted_at
+        if restore:
+            self.restore.labels(*labels).observe(restore)
+        self.execution.labels(*labels).observe(max(0.0, held - lease.overhead - restore))
+        # The grant time is the round's start; the holder got the lease ``overhead``
+        # later, so held time = overhead + restore + execution, and the parts add up.
+        self.act.labels(*labels).observe(now - a.submitted_at)
+
+    def on_cancel(self, action: Action, now: float) -> None:
+        self.cancelled.labels(action.task, action.tenant or "").inc()
+
+    def on_round(self, seconds: float, candidates: int, deferred: int) -> None:
+        self.round.observe(seconds)
+        self.candidates.observe(candidates)
+        if deferred:
+            self.deferred.inc(deferred)
+
+
+class _PoolCollector(Collector):
+    """Pool state read at scrape time."""
+
+    def __init__(self, core: Core, clock: Callable[[], float]) -> None:
+        self.core = core
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        core, now = self.core, self.clock()
+        labels = ["pool", "node", "kind"]
+        cap = GaugeMetricFamily(
+            "tangram_pool_capacity_units", "Units a pool node has.", labels=labels
+        )
+        used = GaugeMetricFamily(
+            "tangram_pool_units_in_use", "Units held by leases.", labels=labels
+        )
+        busy = CounterMetricFamily(
+            "tangram_pool_busy_unit_seconds", "Unit-seconds held by leases.", labels=labels
+        )
+        idle = CounterMetricFamily(
+            "tangram_pool_idle_unit_seconds",
+            "Unit-seconds free (bounded pools only); rate() over busy + idle is the capacity.",
+            labels=labels,
+        )
+        queued = GaugeMetricFamily(
+            "tangram_pool_queue_length",
+            "Queued actions that demand the pool.",
+            labels=["pool", "kind"],
+        )
+        throttled = CounterMetricFamily(
+            "tangram_quota_throttled",
+            "Actions held back by a quota's rate, window or token limit (once per action).",
+            labels=["pool"],
+        )
+        available = GaugeMetricFamily(
+            "tangram_quota_available",
+            "Permits or tokens a quota pool has now, per limit.",
+            labels=["pool", "limit"],
+        )
+        tokens_est = CounterMetricFamily(
+            "tangram_quota_tokens_estimated",
+            "Tokens charged at grant (estimates).",
+            labels=["pool"],
+        )
+        tokens_used = CounterMetricFamily(
+            "tangram_quota_tokens_used", "Tokens reported used at release.", labels=["pool"]
+        )
+        gpu = {
+            "restores": CounterMetricFamily(
+                "tangram_gpu_restores", "Grants that restored a service.", labels=["pool"]
+            ),
+            "evictions": CounterMetricFamily(
+                "tangram_gpu_evictions", "Resident services evicted.", labels=["pool"]
+            ),
+            "cache_hits": CounterMetricFamily(
+                "tangram_gpu_cache_hits", "Grants whose service was resident.", labels=["pool"]
+            ),
+            "restore_seconds": CounterMetricFamily(
+                "tangram_gpu_restore_seconds", "Restore time paid (estimated or measured).",
+                labels=["pool"],
+            ),
+        }  # fmt: skip
+        queue_len = core.queued_per_pool()
+        for name, mgr in core.pools.items():
+            mgr.tick(now)
+            for node, (c, u) in mgr.usage().items():
+                lv = [name, node or "all", mgr.kind]
+                cap.add_metric(lv, c)
+                used.add_metric(lv, u)
+                busy.add_metric(lv, mgr.busy_seconds.get(node, 0.0))
+                idle.add_metric(lv, mgr.idle_seconds.get(node, 0.0))
+            queued.add_metric([name, mgr.kind], queue_len.get(name, 0))
+            if isinstance(mgr, QuotaManager):
+                throttled.add_metric([name], mgr.throttled_total)
+                for limit, value in mgr.available(now).items():
+                    available.add_metric([name, limit], value)
+                tokens_est.add_metric([name], mgr.tokens_estimated_total)
+                tokens_used.add_metric([name], mgr.tokens_used_total)
+            elif isinstance(mgr, GpuManager):
+                gpu["restores"].add_metric([name], mgr.restores)
+                gpu["evictions"].add_metric([name], mgr.evictions)
+                gpu["cache_hits"].add_metric([name], mgr.cache_hits)
+                gpu["restore_seconds"].add_metric([name], mgr.restore_seconds_total)
+        active = GaugeMetricFamily("tangram_leases_active", "Leases held now.")
+        active.add_metric([], len(core.leases))
+        yield from (cap, used, busy, idle, queued, throttled, available, tokens_est, tokens_used)
+        yield from gpu.values()
+        yield active
