@@ -236,19 +236,14 @@ class _PoolCollector(Collector):
             "tangram_quota_tokens_used", "Tokens reported used at release.", labels=["pool"]
         )
         gpu = {
-            "restores": CounterMetricFamily(
-                "tangram_gpu_restores", "Grants that restored a service.", labels=["pool"]
-            ),
-            "evictions": CounterMetricFamily(
-                "tangram_gpu_evictions", "Resident services evicted.", labels=["pool"]
-            ),
-            "cache_hits": CounterMetricFamily(
-                "tangram_gpu_cache_hits", "Grants whose service was resident.", labels=["pool"]
-            ),
-            "restore_seconds": CounterMetricFamily(
-                "tangram_gpu_restore_seconds", "Restore time paid (estimated or measured).",
-                labels=["pool"],
-            ),
+            attr: CounterMetricFamily(f"tangram_gpu_{name}", doc, labels=["pool"])
+            for attr, name, doc in (
+                ("restores", "restores", "Grants that restored a service."),
+                ("evictions", "evictions", "Resident services evicted."),
+                ("cache_hits", "cache_hits", "Grants whose service was resident."),
+                ("restore_seconds_total", "restore_seconds",
+                 "Restore time paid (estimated or measured)."),
+            )
         }  # fmt: skip
         queue_len = core.queued_per_pool()
         for name, mgr in core.pools.items():
@@ -267,10 +262,8 @@ class _PoolCollector(Collector):
                 tokens_est.add_metric([name], mgr.tokens_estimated_total)
                 tokens_used.add_metric([name], mgr.tokens_used_total)
             elif isinstance(mgr, GpuManager):
-                gpu["restores"].add_metric([name], mgr.restores)
-                gpu["evictions"].add_metric([name], mgr.evictions)
-                gpu["cache_hits"].add_metric([name], mgr.cache_hits)
-                gpu["restore_seconds"].add_metric([name], mgr.restore_seconds_total)
+                for attr, family in gpu.items():
+                    family.add_metric([name], getattr(mgr, attr))
         active = GaugeMetricFamily("tangram_leases_active", "Leases held now.")
         active.add_metric([], len(core.leases))
         yield from (cap, used, busy, idle, queued, throttled, available, tokens_est, tokens_used)

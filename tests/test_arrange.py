@@ -99,12 +99,7 @@ def chunk_states(draw: st.DrawFn) -> tuple[int, ...]:
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@SETTINGS
-@given(cands=candidates(gpu=False), free=st.integers(0, 16), cap=st.sampled_from([None, 2, 5]))
-def test_count_dp_matches_brute_force_for_every_prefix(
-    cands: list[Candidate], free: int, cap: int | None
-) -> None:
-    op = CountOperator(free)
+def check_every_prefix(cands: list[Candidate], op: Operator, cap: int | None) -> None:
     dp = solve(cands, op, cap)
     for j in range(1, len(cands) + 1):
         if not dp.exact(j):
@@ -116,6 +111,14 @@ def test_count_dp_matches_brute_force_for_every_prefix(
             continue
         assert cost == pytest.approx(want, rel=1e-9, abs=1e-9)
         assert replay(cands[:j], op, amounts) == pytest.approx(cost, rel=1e-9, abs=1e-9)
+
+
+@SETTINGS
+@given(cands=candidates(gpu=False), free=st.integers(0, 16), cap=st.sampled_from([None, 2, 5]))
+def test_count_dp_matches_brute_force_for_every_prefix(
+    cands: list[Candidate], free: int, cap: int | None
+) -> None:
+    check_every_prefix(cands, CountOperator(free), cap)
 
 
 @SETTINGS
@@ -123,18 +126,7 @@ def test_count_dp_matches_brute_force_for_every_prefix(
 def test_chunk_dp_matches_brute_force_for_every_prefix(
     cands: list[Candidate], counts: tuple[int, ...], cap: int | None
 ) -> None:
-    op = ChunkOperator(counts)
-    dp = solve(cands, op, cap)
-    for j in range(1, len(cands) + 1):
-        if not dp.exact(j):
-            continue
-        want = brute_force(cands[:j], op)
-        cost, amounts = dp.best(j)
-        if math.isinf(want):
-            assert math.isinf(cost)
-            continue
-        assert cost == pytest.approx(want, rel=1e-9, abs=1e-9)
-        assert replay(cands[:j], op, amounts) == pytest.approx(cost, rel=1e-9, abs=1e-9)
+    check_every_prefix(cands, ChunkOperator(counts), cap)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
