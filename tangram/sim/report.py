@@ -1,0 +1,123 @@
+"""Reports: the comparison table (rich), results.json, and PNG plots (matplotlib, Agg).
+
+Plots never influence results; they only read what ``run.simulate`` returned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.table import Table
+
+COLUMNS = [
+    ("act_mean_s", "ACT"),
+    ("act_p99_s", "p99"),
+    ("queue_mean_s", "queue"),
+    ("exec_mean_s", "exec"),
+    ("overhead_mean_s", "restore"),
+    ("step_mean_s", "step"),
+    ("failed_actions", "failed"),
+    ("quota_violations", "over quota"),
+]
+
+
+def table(results: dict[str, dict[str, Any]], title: str, ref: str | None = None) -> Table:
+    """One row per policy; ``x ref`` columns give the ratio to the reference policy."""
+    t = Table(title=title + " (seconds)")
+    t.add_column("policy")
+    for _, name in COLUMNS:
+        t.add_column(name, justify="right")
+    if ref is not None:
+        t.add_column(f"ACT / {ref} ACT", justify="right")
+        t.add_column(f"step / {ref} step", justify="right")
+    base = results.get(ref or "")
+    for pol, r in results.items():
+        cells = [pol]
+        for key, _ in COLUMNS:
+            v = r.get(key, 0)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        if ref is not None and base is not None:
+            # How many times slower (>1) or faster (<1) this row is than the reference,
+            # the form of the paper's figures ("the baseline's ACT is 4.3x ours").
+            cells.append(_ratio(r["act_mean_s"], base["act_mean_s"]))
+            cells.append(_ratio(r["step_mean_s"], base["step_mean_s"]))
+        t.add_row(*cells)
+    return t
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def plot_act_over_time(
+    series: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, window: float | None = None
+) -> None:
+    """Windowed mean ACT over virtual time (actions binned by submission time)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    end = max((float(t.max()) for t, _ in series.values() if len(t)), default=1.0)
+    w = window or max(end / 60.0, 1e-3)
+    for pol, (t, act) in series.items():
+        if not len(t):
+            continue
+        bins = np.floor(t / w).astype(int)
+        n = bins.max() + 1
+        sums = np.bincount(bins, weights=act, minlength=n)
+        counts = np.bincount(bins, minlength=n)
+        keep = counts > 0
+        ax.plot((np.arange(n)[keep] + 0.5) * w, sums[keep] / counts[keep], label=pol)
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel(f"mean ACT over {w:.3g} s windows (s)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_act_split(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Mean ACT split into queueing, execution and restore (overhead), per policy."""
+    pols = list(results)
+    q = np.array([results[p]["queue_mean_s"] for p in pols])
+    e = np.array([results[p]["exec_mean_s"] for p in pols])
+    o = np.array([results[p]["overhead_mean_s"] for p in pols])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(pols) + 2), 4.5))
+    x = np.arange(len(pols))
+    ax.bar(x, e, label="execution")
+    ax.bar(x, q, bottom=e, label="queue")
+    ax.bar(x, o, bottom=e + q, label="restore / overhead")
+    ax.set_xticks(x, pols, rotation=20)
+    ax.set_ylabel("mean ACT (s)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(
+    values: list[float], curves: dict[str, list[float]], xlabel: str, path: Path
+) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for pol, ys in curves.items():
+        ax.plot(values, ys, marker="o", label=pol)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean ACT (s)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
