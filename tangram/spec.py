@@ -211,6 +211,15 @@ class EfficiencyTable:
 Efficiency = Amdahl | EfficiencyTable
 
 
+def efficiency_to_wire(eff: Efficiency | None) -> dict[str, Any] | None:
+    """The wire form ``parse_efficiency`` reads."""
+    if eff is None:
+        return None
+    if isinstance(eff, Amdahl):
+        return {"amdahl": eff.parallel_fraction}
+    return {"table": {str(m): e for m, e in eff.table}}
+
+
 def parse_efficiency(raw: Any) -> Efficiency | None:
     if raw is None or isinstance(raw, (Amdahl, EfficiencyTable)):
         return raw

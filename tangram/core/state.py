@@ -321,6 +321,38 @@ class Core:
         self.counts["released"] += 1
         return lease
 
+    def resume(self, fencing: int, seq: int) -> None:
+        """Continue the fencing counter and action numbering above what an earlier life
+        of this broker issued (as recorded by its journal)."""
+        self.fencing = max(self.fencing, fencing)
+        self._seq = max(self._seq, seq)
+
+    def restore(self, lease: Lease, now: float) -> None:
+        """Take back a lease recorded before a restart: exactly its units, its id, its
+        fencing token (the counter continues above it) and its deadline. ValueError if
+        its pools or units do not match this configuration (nothing is taken then)."""
+        action = lease.action
+        if lease.id in self.leases or action.id in self.lease_of:
+            raise ValueError(f"lease {lease.id!r} is already live")
+        unknown = set(lease.allocation) - set(self.pools)
+        if unknown:
+            raise ValueError(f"lease {lease.id!r} holds units of unknown pools {unknown}")
+        taken: list[tuple[str, Allocation]] = []
+        try:
+            for pool, alloc in lease.allocation.items():
+                self.pools[pool].claim(action, alloc, now)
+                taken.append((pool, alloc))
+        except ValueError:
+            for pool, alloc in taken:
+                self.pools[pool].release(action, alloc, now, None)
+            raise
+        self.fencing = max(self.fencing, lease.fencing_token)
+        self._seq = max(self._seq, action.seq)
+        lease.state = "active"
+        self.leases[lease.id] = lease
+        self.lease_of[action.id] = lease.id
+        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+
     def heartbeat(self, lease_id: str, now: float, ttl: float | None = None) -> float:
         """Extend an active lease's TTL from now; return the new expiry time."""
         lease = self.leases.get(lease_id)

@@ -121,6 +121,11 @@ class Manager(ABC):
         self, action: Action, alloc: Allocation, now: float, usage: dict[str, Any] | None
     ) -> None: ...
 
+    @abstractmethod
+    def claim(self, action: Action, alloc: Allocation, now: float) -> None:
+        """Take exactly the units of ``alloc`` (a lease restored after a restart);
+        ValueError if any of them is not free."""
+
     def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
         """Undo an ``allocate`` of this round whose grant was never published (another
         pool of the same action could not allocate): as if it never happened."""

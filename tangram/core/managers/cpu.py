@@ -166,6 +166,24 @@ class CpuManager(Manager):
             bisect.insort(node.free[groups[c]], c)
         node.free_count += alloc.amount
 
+    def claim(self, action: Action, alloc: Allocation, now: float) -> None:
+        node = self.nodes.get(alloc.node or "")
+        if node is None:
+            raise ValueError(f"pool {self.name!r} has no node {alloc.node!r}")
+        groups = self._group_of[node.name]
+        if any(c not in groups or c not in node.free[groups[c]] for c in alloc.units):
+            raise ValueError(f"cores {list(alloc.units)} of {node.name} are not all free")
+        pin = self.pins.get(action.trajectory)
+        if pin is not None and pin[0] != node.name:
+            raise ValueError(f"trajectory {action.trajectory!r} is pinned to {pin[0]}")
+        self.tick(now)
+        for c in alloc.units:
+            node.free[groups[c]].remove(c)
+        node.free_count -= len(alloc.units)
+        if pin is None:
+            node.memory_free -= action.memory_gb
+            self.pins[action.trajectory] = (node.name, action.memory_gb)
+
     def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
         self.release(action, alloc, now, None)
         if alloc.pinned:

@@ -258,8 +258,24 @@ class GpuManager(Manager):
             return None
         node, start, sub, size = pick
         svc = self.services.get(action.service) if action.service else None
-        self._extra_memo.clear()
         self.tick(now)
+        self._take(node, start, size, sub, amount)
+        restore, evicted = False, list[str]()
+        if svc is not None:
+            restore, evicted = self._place(svc, amount, node, sub)
+            if restore:
+                self.restore_seconds_total += svc.restore_seconds
+        return Allocation(
+            amount=amount,
+            node=node,
+            units=tuple(range(sub, sub + amount)),
+            restore=restore,
+            evicts=tuple(evicted),
+        )
+
+    def _take(self, node: str, start: int, size: int, sub: int, amount: int) -> None:
+        """Take GPUs sub..sub+amount out of the free chunk (start, size) that holds them."""
+        self._extra_memo.clear()
         chunks = self.free[node]
         chunks[size].discard(start)
         s = size
@@ -275,18 +291,21 @@ class GpuManager(Manager):
         for g in range(sub, sub + amount):
             busy[g] = True
         self.in_use += amount
-        restore, evicted = False, list[str]()
-        if svc is not None:
-            restore, evicted = self._place(svc, amount, node, sub)
-            if restore:
-                self.restore_seconds_total += svc.restore_seconds
-        return Allocation(
-            amount=amount,
-            node=node,
-            units=tuple(range(sub, sub + amount)),
-            restore=restore,
-            evicts=tuple(evicted),
-        )
+
+    def claim(self, action: Action, alloc: Allocation, now: float) -> None:
+        if alloc.node not in self.nodes or not alloc.units:
+            raise ValueError(f"pool {self.name!r} has no node {alloc.node!r}")
+        sub, amount = int(alloc.units[0]), alloc.amount
+        for size in self.sizes:
+            start = sub - sub % size
+            if size >= amount and start in self.free[alloc.node][size]:
+                self.tick(now)
+                self._take(alloc.node, start, size, sub, amount)
+                svc = self.services.get(action.service) if action.service else None
+                if svc is not None and not self.is_resident(svc.name, amount, alloc.node, sub):
+                    self._place(svc, amount, alloc.node, sub)
+                return
+        raise ValueError(f"GPUs {list(alloc.units)} of {alloc.node} are not free")
 
     def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
         self.release(action, alloc, now, None)

@@ -198,6 +198,18 @@ class QuotaManager(Manager):
             self.tpm.level = min(self.tpm.capacity, self.tpm.level - (actual - estimate))
             self.tokens_used_total += actual
 
+    def claim(self, action: Action, alloc: Allocation, now: float) -> None:
+        if self.concurrency is not None:
+            if self.in_use + alloc.amount > self.concurrency or any(
+                u not in self._free_slots for u in alloc.units
+            ):
+                raise ValueError(f"slots {list(alloc.units)} of {self.name!r} are not free")
+            for u in alloc.units:
+                self._free_slots.remove(u)
+        self.tick(now)
+        self.in_use += alloc.amount
+        # Rates and windows refill on their own; the restored lease only holds its permits.
+
     def rollback(self, action: Action, alloc: Allocation, now: float) -> None:
         self.release(action, alloc, now, None)
         # Give back what the grant charged: the window entry, the rate permits, the tokens.
