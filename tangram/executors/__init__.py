@@ -1,0 +1,28 @@
+"""Executors: the code that really runs an action on the units its lease granted.
+
+Plain classes, free of Ray, so they can be tested (and used) on their own; ``tangram.ray``
+wraps them in actors placed on the right nodes.
+
+- ``SandboxRunner``: commands in a trajectory's persistent working directory, as a child
+  process pinned to exactly the granted cores.
+- ``ServiceHost``: GPU services (models) kept in host memory, restored onto the granted
+  devices, evicted when the broker says so.
+- ``HttpCaller``: quota-governed HTTP calls with their token usage read back.
+"""
+
+from tangram.executors.api import HttpCall, HttpCaller, HttpResult
+from tangram.executors.sandbox import Command, CommandResult, SandboxRunner
+from tangram.executors.service import ServiceCall, ServiceHost, ServiceResult, ServiceSpec
+
+__all__ = [
+    "Command",
+    "CommandResult",
+    "HttpCall",
+    "HttpCaller",
+    "HttpResult",
+    "SandboxRunner",
+    "ServiceCall",
+    "ServiceHost",
+    "ServiceResult",
+    "ServiceSpec",
+]

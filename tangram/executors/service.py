@@ -1,0 +1,161 @@
+"""The GPU service executor: evict-on-execution, made real.
+
+A registered service has a loader that builds its state (the model's weights) once; the
+host keeps that copy in host memory. When the broker grants a chunk of GPUs that does
+not hold the service, the state is copied onto the granted device (a restore, timed);
+services the broker chose to evict are dropped from their devices; nothing is written
+back because weights do not change. The measured restore time goes back to the GPU
+pool's cost model (``GpuManager.observe_restore``) through the caller.
+
+Devices are named like torch's: ``cpu`` or ``cuda:N``. With no GPU (CI) the device is
+the CPU, and a restore is a real copy of the host arrays into fresh memory, so load,
+restore, evict and run are exercised for real. States are numpy arrays, objects with a
+``.to(device)`` method (torch tensors and modules), or dicts, lists and tuples of them;
+a service may bring its own ``to_device`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_EVICTED = re.compile(r"^(?P<svc>.+)/tp(?P<k>\d+)@(?P<node>.*):(?P<start>\d+)$")
+
+
+class ServiceError(ValueError):
+    """An unknown service or a malformed call; the message says what is registered."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """How to build and run one service: ``loader()`` returns the host state,
+    ``run(state_on_device, payload)`` serves one call."""
+
+    name: str
+    loader: Callable[[], Any]
+    run: Callable[[Any, Any], Any]
+    to_device: Callable[[Any, str], Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceCall:
+    """One call of the action's service (``Action.service``) with ``payload``."""
+
+    payload: Any = None
+
+
+@dataclass(slots=True)
+class ServiceResult:
+    output: Any
+    restored: bool
+    restore_seconds: float
+    evicted: list[str]
+    device: str
+    node: str = ""
+    resident: list[str] = field(default_factory=list)
+
+
+def to_device(state: Any, device: str) -> Any:
+    """Copy ``state`` onto ``device``: numpy arrays into fresh memory (the CPU device),
+    anything with ``.to`` through it, containers element by element."""
+    if isinstance(state, np.ndarray):
+        if device != "cpu":
+            raise ServiceError(f"numpy state cannot live on {device!r}; use torch tensors")
+        return np.array(state, copy=True)
+    if isinstance(state, dict):
+        return {k: to_device(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_device(v, device) for v in state)
+    move = getattr(state, "to", None)
+    if callable(move):
+        return move(device)
+    return state  # plain Python values (config, vocabularies) are shared as they are
+
+
+class ServiceHost:
+    """The services of one GPU node: host copies, and what is resident on which chunk."""
+
+    def __init__(self, node: str = "", device_kind: str = "cpu") -> None:
+        if device_kind not in ("cpu", "cuda"):
+            raise ServiceError(f"device kind must be 'cpu' or 'cuda', got {device_kind!r}")
+        self.node = node
+        self.device_kind = device_kind
+        self.specs: dict[str, ServiceSpec] = {}
+        self.host: dict[str, Any] = {}
+        self.load_seconds: dict[str, float] = {}
+        # (service, chunk size, first unit) -> the state on that chunk's device
+        self.resident: dict[tuple[str, int, int], Any] = {}
+
+    def register(self, spec: ServiceSpec) -> float:
+        """Build the service's host copy now; return how long loading took."""
+        if not spec.name:
+            raise ServiceError("a service needs a name")
+        t0 = time.perf_counter()
+        self.host[spec.name] = spec.loader()
+        took = time.perf_counter() - t0
+        self.specs[spec.name] = spec
+        self.load_seconds[spec.name] = took
+        return took
+
+    def device(self, units: Sequence[int]) -> str:
+        # A chunk's state lives on its first GPU; a tensor-parallel service splits it
+        # further itself (its own ``to_device``).
+        return "cpu" if self.device_kind == "cpu" else f"cuda:{units[0]}"
+
+    def evict(self, names: Sequence[str]) -> list[str]:
+        """Drop the broker's evictions (``svc/tpK@node:start``); return those dropped."""
+        out = []
+        for name in names:
+            m = _EVICTED.match(name)
+            if m is None:
+                raise ServiceError(f"cannot read eviction {name!r}")
+            key = (m["svc"], int(m["k"]), int(m["start"]))
+            if self.resident.pop(key, None) is not None:
+                out.append(name)
+        return out
+
+    def restore(self, service: str, units: Sequence[int]) -> float:
+        """Copy the host state onto the chunk; return the measured seconds."""
+        spec = self._spec(service)
+        dev = self.device(units)
+        t0 = time.perf_counter()
+        move = spec.to_device or to_device
+        self.resident[(service, len(units), units[0])] = move(self.host[service], dev)
+        return time.perf_counter() - t0
+
+    async def run(
+        self, service: str, units: Sequence[int], evicts: Sequence[str], payload: Any
+    ) -> ServiceResult:
+        spec = self._spec(service)
+        if not units:
+            raise ServiceError("no GPUs granted: a service call needs at least one unit")
+        evicted = self.evict(evicts)
+        key = (service, len(units), units[0])
+        # Restore whenever the state is not here, whatever the broker believed: after an
+        # executor restart its cache is empty even where the broker's is not.
+        restored = key not in self.resident
+        seconds = await asyncio.to_thread(self.restore, service, units) if restored else 0.0
+        state = self.resident[key]
+        output = await asyncio.to_thread(spec.run, state, payload)
+        return ServiceResult(
+            output=output,
+            restored=restored,
+            restore_seconds=seconds,
+            evicted=evicted,
+            device=self.device(units),
+            node=self.node,
+            resident=sorted(f"{s}/tp{k}@{self.node}:{u}" for s, k, u in self.resident),
+        )
+
+    def _spec(self, service: str) -> ServiceSpec:
+        spec = self.specs.get(service)
+        if spec is None:
+            known = ", ".join(sorted(self.specs)) or "none"
+            raise ServiceError(f"service {service!r} is not registered here; registered: {known}")
+        return spec
