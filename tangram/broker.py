@@ -112,7 +112,12 @@ class Broker:
         return lease
 
     def heartbeat(self, lease_id: str, ttl: float | None = None) -> float:
-        return self.core.heartbeat(lease_id, self.clock(), ttl)
+        now = self.clock()
+        at = self.core.heartbeat(lease_id, now, ttl)
+        if self._timer_at is not None and at < self._timer_at:
+            # A shorter TTL moved this lease's deadline before the armed timer.
+            self._arm(now)
+        return at
 
     def cancel(self, action_id: str) -> bool:
         """Cancel a queued action; its waiter gets ActionCancelled. False if not queued."""

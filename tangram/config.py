@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from tangram.core.managers.base import Manager
 from tangram.core.managers.cpu import CpuManager, CpuNode
@@ -88,10 +89,80 @@ class QuotaPoolConfig(_Strict):
 PoolConfig = Annotated[CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig, Field(discriminator="kind")]
 
 
+class TenantConfig(_Strict):
+    token: str = Field(..., min_length=16, description="the tenant's bearer token")
+    max_queued: int | None = Field(None, ge=1, description="bound on queued actions")
+
+
+class ServerConfig(_Strict):
+    """Settings of ``tangram serve`` (the HTTP lease API); the in-process broker ignores them."""
+
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    tokens_file: str | None = Field(None, description="lines of TENANT TOKEN [MAX_QUEUED]")
+    max_queued: int = Field(10_000, ge=1, description="default bound on queued actions per tenant")
+    max_wait_seconds: float = Field(60.0, gt=0, le=3600, description="longest long poll")
+    retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 429")
+
+    def load_tenants(self, base: Path | None = None) -> dict[str, Tenant]:
+        """The tenants of ``tenants`` and of ``tokens_file`` (relative to ``base``), checked:
+        names and tokens must be unique, since a token alone names its tenant."""
+        out = {
+            name: Tenant(name, t.token, t.max_queued or self.max_queued)
+            for name, t in self.tenants.items()
+        }
+        if self.tokens_file is not None:
+            path = Path(self.tokens_file)
+            if base is not None and not path.is_absolute():
+                path = base / path
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ConfigError(f"server.tokens_file: cannot read {path}: {exc}") from None
+            for n, line in enumerate(text.splitlines(), 1):
+                fields = line.split("#", 1)[0].split()
+                if not fields:
+                    continue
+                if len(fields) not in (2, 3) or (len(fields) == 3 and not fields[2].isdigit()):
+                    raise ConfigError(
+                        f"{path}:{n}: write TENANT TOKEN [MAX_QUEUED], got {len(fields)} fields"
+                    )
+                name, token = fields[0], fields[1]
+                if len(token) < 16:
+                    raise ConfigError(f"{path}:{n}: tenant {name}'s token is under 16 characters")
+                if name in out:
+                    raise ConfigError(f"{path}:{n}: tenant {name} is listed twice")
+                bound = int(fields[2]) if len(fields) == 3 else self.max_queued
+                out[name] = Tenant(name, token, max(1, bound))
+        tokens = [t.token for t in out.values()]
+        if len(set(tokens)) != len(tokens):
+            raise ConfigError("server: two tenants share a token; each needs its own")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    token: str = field(repr=False)
+    max_queued: int
+
+
 class Config(_Strict):
     policy: str = "tangram"
     lease_ttl_seconds: float = Field(60.0, gt=0)
     pools: dict[str, PoolConfig] = Field(..., min_length=1)
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig.model_validate({}))
+    # Where the file was read from: ``server.tokens_file`` is relative to it.
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was loaded from (None when built in memory)."""
+        return self._source
+
+    def tenants(self) -> dict[str, Tenant]:
+        """The HTTP API's tenants (``server.tenants`` and ``server.tokens_file``)."""
+        base = self._source.parent if self._source is not None else None
+        return self.server.load_tenants(base)
 
     @field_validator("policy")
     @classmethod
@@ -203,7 +274,9 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data)
+    cfg = parse_config(data)
+    cfg._source = Path(path)
+    return cfg
 
 
 def default_config() -> Config:

@@ -1,11 +1,99 @@
-"""``tangram serve`` (placeholder until the HTTP issue lands)."""
+"""``tangram serve``: the HTTP lease API under uvicorn."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+import uvicorn
+
+from tangram.config import Config, ConfigError, default_config, load_config
+
+log = logging.getLogger("tangram.server")
 
 
-def serve() -> None:
-    """Start the HTTP broker (not built yet)."""
-    typer.echo("tangram serve: the HTTP API is not built yet", err=True)
-    raise typer.Exit(1)
+def describe(cfg: Config) -> str:
+    """Pools in a few words: ``cpu (cpu, 8 cores on 1 node), api (quota, 16 permits at once)``."""
+    parts = []
+    for name, mgr in cfg.build_pools().items():
+        use = mgr.usage()
+        units = sum(c for c, _ in use.values())
+        if mgr.kind == "quota":
+            size = f", {units} permits at once" if units else ""
+        else:
+            word = "cores" if mgr.kind == "cpu" else "GPUs"
+            size = f", {units} {word} on {len(use)} node{'s' if len(use) != 1 else ''}"
+        parts.append(f"{name} ({mgr.kind}{size})")
+    return ", ".join(parts)
+
+
+def serve(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="pool configuration (YAML); default: embedded defaults"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind (0: any free port)")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="directory for serve.json (address and pid of the running server)",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level")] = "warning",
+) -> None:
+    """Serve the HTTP lease API (FastAPI under uvicorn) for the configured pools."""
+    # Imported here so that `tangram --help` stays fast.
+    from tangram.server.app import create_app
+    from tangram.server.run import bind, is_loopback, url_of, uvicorn_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(config) if config is not None else default_config()
+        tenants = cfg.tenants()
+    except (ConfigError, OSError) as exc:
+        typer.echo(f"tangram serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not tenants and not is_loopback(host):
+        typer.echo(
+            f"tangram serve: refusing to serve on {host} without tenants: anyone who can "
+            "reach it could take and release units. Add server.tenants or "
+            "server.tokens_file to the configuration, or bind to 127.0.0.1.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        typer.echo(f"tangram serve: cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    url = url_of(sock)
+    app = create_app(cfg, tenants)
+    who = f"{len(tenants)} tenants" if tenants else "no tenants (loopback only)"
+    log.info(
+        "tangram serve: lease API on %s for pools %s; policy %s, lease TTL %gs, %s; "
+        "config %s; docs at %s/docs",
+        url,
+        describe(cfg),
+        cfg.policy,
+        cfg.lease_ttl_seconds,
+        who,
+        config or "embedded defaults",
+        url,
+    )
+    info = data_dir / "serve.json" if data_dir is not None else None
+    if info is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        info.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    try:
+        uvicorn.Server(uvicorn_config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+        if info is not None:
+            info.unlink(missing_ok=True)

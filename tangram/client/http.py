@@ -1,0 +1,296 @@
+"""``HttpClient``: the lease API from asyncio code, with httpx.
+
+``async with client.lease(action) as lease:`` submits with an idempotency key, long-polls
+until granted, heartbeats in the background while the body runs and releases on exit,
+also on error or cancellation. Transient connection errors are retried; every call is
+safe to repeat (submits carry an idempotency key, release is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from tangram.client.errors import HttpError, TooManyQueued, raise_for
+from tangram.client.wire import RemoteLease, action_json
+from tangram.spec import Action, ActionCancelled, LeaseExpired, TangramError
+
+# Errors after which the request may not have been answered; all calls may be repeated.
+TRANSIENT: tuple[type[Exception], ...] = (httpx.TransportError,)
+RETRY_STATUS = frozenset({502, 503, 504})
+
+ActionLike = Action | Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionState:
+    """An action as the server sees it: queued, granted, released, expired or cancelled."""
+
+    id: str
+    state: str
+    trajectory: str
+    lease: RemoteLease | None
+
+    @staticmethod
+    def from_json(raw: Mapping[str, Any]) -> ActionState:
+        lease = raw.get("lease")
+        return ActionState(
+            id=raw["id"],
+            state=raw["state"],
+            trajectory=raw.get("trajectory", ""),
+            lease=RemoteLease.from_json(raw["id"], lease) if lease else None,
+        )
+
+
+class HttpClient:
+    """A client of ``tangram serve``. Use as ``async with HttpClient(url) as client:``."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        poll: float = 20.0,
+        retries: int = 4,
+        backoff: float = 0.05,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=headers, timeout=timeout, transport=transport
+        )
+        self.timeout = timeout
+        self.poll = poll  # longest single long poll; the server may cap it lower
+        self.retries = retries
+        self.backoff = backoff
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ one call each
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        wait: float = 0.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        params = {"wait": f"{wait:.3f}"} if wait > 0 else None
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                r = await self._http.request(
+                    method,
+                    path,
+                    json=body,
+                    params=params,
+                    headers=headers,
+                    timeout=self.timeout + wait,
+                )
+            except TRANSIENT:
+                if last:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            if r.status_code in RETRY_STATUS and not last:
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            data = r.json() if r.content else {}
+            if r.status_code >= 400:
+                raise_for(r.status_code, data, _retry_after(r))
+            return r.status_code, data
+        raise AssertionError("unreachable")
+
+    async def submit(
+        self, action: ActionLike, *, wait: float = 0.0, idempotency_key: str | None = None
+    ) -> ActionState:
+        """Queue an action; with ``wait``, hold until granted or ``wait`` s pass."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        _, data = await self._call(
+            "POST", "/v1/actions", body=action_json(action), wait=wait, headers=headers
+        )
+        return ActionState.from_json(data)
+
+    async def get(self, action_id: str, *, wait: float = 0.0) -> ActionState:
+        _, data = await self._call("GET", f"/v1/actions/{action_id}", wait=wait)
+        return ActionState.from_json(data)
+
+    async def cancel(self, action_id: str) -> ActionState:
+        """Cancel a queued action (HttpError 409 once it is granted)."""
+        _, data = await self._call("DELETE", f"/v1/actions/{action_id}")
+        return ActionState.from_json(data)
+
+    async def heartbeat(self, lease_id: str, ttl: float | None = None) -> float:
+        """Extend the lease; returns its new expiry (Unix time). LeaseExpired once lapsed."""
+        body = {"ttl": ttl} if ttl is not None else None
+        _, data = await self._call("POST", f"/v1/leases/{lease_id}/heartbeat", body=body)
+        return float(data["expires_at"])
+
+    async def release(
+        self, lease_id: str, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+    ) -> None:
+        """Return the lease's units (idempotent); LeaseExpired if it lapsed first."""
+        body: dict[str, Any] = {"outcome": outcome}
+        if usage is not None:
+            body["usage"] = dict(usage)
+        await self._call("POST", f"/v1/leases/{lease_id}/release", body=body)
+
+    async def close_trajectory(self, trajectory: str) -> int:
+        _, data = await self._call("POST", f"/v1/trajectories/{trajectory}/close")
+        return int(data["cancelled"])
+
+    async def pools(self) -> dict[str, Any]:
+        _, data = await self._call("GET", "/v1/pools")
+        return dict(data)
+
+    # ------------------------------------------------------------------ leases
+    async def acquire(
+        self,
+        action: ActionLike,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> RemoteLease:
+        """Submit and long-poll until granted. On timeout (TimeoutError), cancellation
+        or error the action is cancelled, and a grant that raced with it released."""
+        loop = asyncio.get_running_loop()
+        key = idempotency_key or uuid.uuid4().hex
+        deadline = None if timeout is None else loop.time() + timeout
+        state: ActionState | None = None
+        try:
+            while True:
+                left = self.poll if deadline is None else max(0.0, deadline - loop.time())
+                wait = min(self.poll, left)
+                try:
+                    if state is None:
+                        state = await self.submit(action, wait=wait, idempotency_key=key)
+                    else:
+                        state = await self.get(state.id, wait=wait)
+                except TooManyQueued as exc:
+                    if deadline is not None and loop.time() + exc.retry_after > deadline:
+                        raise TimeoutError(f"server busy: {exc.detail}") from exc
+                    await asyncio.sleep(exc.retry_after)
+                    continue
+                if state.state == "granted" and state.lease is not None:
+                    return state.lease
+                if state.state != "queued":
+                    raise ActionCancelled(f"action {state.id} is {state.state}, not granted")
+                if deadline is not None and loop.time() >= deadline:
+                    raise TimeoutError(f"action {state.id} was not granted in {timeout} s")
+        except (TangramError, TimeoutError, asyncio.CancelledError, httpx.TransportError):
+            # The server may hold a queued action (or a grant) nobody will use.
+            cleanup = loop.create_task(self._abandon(action, key, state))
+            await _finish(cleanup)
+            raise
+
+    async def _abandon(self, action: ActionLike, key: str, state: ActionState | None) -> None:
+        with contextlib.suppress(TangramError, httpx.HTTPError):
+            if state is None:
+                # The submit may have reached the server: ask with the same key, which
+                # never creates a second action (it may create the first; then it goes).
+                state = await self.submit(action, idempotency_key=key)
+            if state.state == "queued":
+                try:
+                    state = await self.cancel(state.id)
+                except HttpError as exc:
+                    if exc.status != 409:
+                        raise
+                    state = await self.get(state.id)  # granted meanwhile
+            if state.state == "granted" and state.lease is not None:
+                await self.release(state.lease.id, outcome="error")
+
+    def lease(self, action: ActionLike, *, timeout: float | None = None) -> LeaseContext:
+        """``async with client.lease(action) as lease:`` holds the units for the body."""
+        return LeaseContext(self, action, timeout)
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    """Wait for a clean-up task even if we are cancelled again meanwhile."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
+
+def _retry_after(r: httpx.Response) -> float:
+    try:
+        return max(0.0, float(r.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
+
+
+class LeaseContext:
+    """Acquire on enter; heartbeat every third of the TTL; release on exit."""
+
+    def __init__(self, client: HttpClient, action: ActionLike, timeout: float | None) -> None:
+        self._client = client
+        self._action = action
+        self._timeout = timeout
+        self._lease: RemoteLease | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self.expired = False  # set when a heartbeat found the lease lapsed
+
+    async def __aenter__(self) -> RemoteLease:
+        lease = await self._client.acquire(self._action, timeout=self._timeout)
+        self._lease = lease
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeats(lease))
+        return lease
+
+    async def _heartbeats(self, lease: RemoteLease) -> None:
+        period = max(lease.ttl / 3, 0.01)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._client.heartbeat(lease.id)
+            except LeaseExpired:
+                self.expired = True
+                return
+            except TangramError:
+                return  # released or forgotten: nothing left to keep alive
+            except httpx.HTTPError:
+                continue  # the server is unreachable now; the next beat may get through
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._lease is not None
+        if self._beat is not None:
+            self._beat.cancel()
+        outcome = "ok" if exc_type is None else "error"
+        done = asyncio.get_running_loop().create_task(
+            self._client.release(self._lease.id, outcome=outcome)
+        )
+        if exc_type is None:
+            await done  # LeaseExpired here: the body ran past a lapsed lease
+            return
+        # The body's own error (or cancellation) matters more than a failed release.
+        with contextlib.suppress(TangramError, httpx.HTTPError):
+            await _finish_release(done)
+
+
+async def _finish_release(task: asyncio.Task[None]) -> None:
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    task.result()

@@ -1,0 +1,306 @@
+"""The FastAPI application: the v1 lease endpoints over one live ``Broker``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Path, Query, Request
+from starlette.responses import Response
+
+from tangram.broker import Broker
+from tangram.config import Config, Tenant
+from tangram.server import openapi, problems
+from tangram.server.models import (
+    MAX_NAME,
+    ActionIn,
+    ActionOut,
+    CloseOut,
+    HealthOut,
+    HeartbeatIn,
+    LeaseStateOut,
+    PoolsOut,
+    ReleaseIn,
+)
+from tangram.server.openapi import error_responses
+from tangram.server.problems import Problem
+from tangram.server.registry import Record, Registry
+from tangram.server.wire import (
+    action_json,
+    fingerprint,
+    lease_state_json,
+    respond,
+    to_action,
+)
+from tangram.spec import Lease
+
+Wait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds to hold the request while the action is queued (long poll); "
+        "the server caps it at its max_wait_seconds",
+    ),
+]
+Id = Annotated[str, Path(min_length=1, max_length=MAX_NAME)]
+
+
+class Service:
+    """The state one app serves: the broker, the action records, the tenants."""
+
+    def __init__(self, cfg: Config, tenants: Mapping[str, Tenant]) -> None:
+        self.cfg = cfg
+        self.settings = cfg.server
+        self.broker = Broker.from_config(cfg)
+        self.registry = Registry()
+        self.tenants = dict(tenants)
+        self._by_digest = {_digest(t.token): t for t in tenants.values()}
+        # The broker runs on the monotonic clock; clients want Unix time.
+        self.wall = time.time() - self.broker.clock()
+        self.broker.subscribe(self._on_event)
+
+    def _on_event(self, kind: str, obj: Any) -> None:
+        if kind in ("release", "expire") and isinstance(obj, Lease):
+            rec = self.registry.by_lease.get(obj.id)
+            if rec is not None:
+                self.registry.end(rec)
+
+    def tenant(self, request: Request) -> str | None:
+        """The caller's tenant from its bearer token; None when no tenants are set up."""
+        if not self._by_digest:
+            return None
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Problem(
+                401,
+                "this server has tenants: send 'Authorization: Bearer <your token>'",
+                headers={"WWW-Authenticate": 'Bearer realm="tangram"'},
+            )
+        # Look the token up by its digest so the comparison does not leak its prefix.
+        found = self._by_digest.get(_digest(token.strip()))
+        if found is None:
+            raise Problem(
+                401,
+                "the bearer token is not one of this server's tenants' tokens",
+                headers={"WWW-Authenticate": 'Bearer realm="tangram", error="invalid_token"'},
+            )
+        return found.name
+
+    def bound(self, tenant: str | None) -> int:
+        t = self.tenants.get(tenant) if tenant is not None else None
+        return t.max_queued if t is not None else self.settings.max_queued
+
+    async def answer(self, rec: Record, wait: float, queued_status: int) -> Response:
+        """The record as JSON, after holding the request up to ``wait`` s while queued."""
+        fut = rec.future
+        if wait > 0 and not fut.done():
+            # asyncio.wait never cancels the future: the action stays queued after a
+            # timeout (cancelling it would make the broker drop a racing grant).
+            await asyncio.wait((fut,), timeout=min(wait, self.settings.max_wait_seconds))
+        self.registry.settle(rec)
+        status = queued_status if rec.state == "queued" else 200
+        return respond(action_json(rec, self.wall), status)
+
+    def record(self, action_id: str, tenant: str | None) -> Record:
+        rec = self.registry.get(action_id, tenant)
+        if rec is None:
+            raise Problem(404, f"no action {action_id!r}" + _for(tenant))
+        return rec
+
+    def lease_record(self, lease_id: str, tenant: str | None) -> Record:
+        rec = self.registry.by_lease_id(lease_id, tenant)
+        if rec is None:
+            raise Problem(404, f"no lease {lease_id!r}" + _for(tenant))
+        return rec
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _for(tenant: str | None) -> str:
+    return f" for tenant {tenant!r}" if tenant is not None else ""
+
+
+def create_app(cfg: Config, tenants: Mapping[str, Tenant] | None = None) -> FastAPI:
+    """The app for ``cfg``; ``tenants`` defaults to the configuration's own."""
+    svc = Service(cfg, cfg.tenants() if tenants is None else tenants)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await svc.broker.close()
+
+    app = FastAPI(
+        title="Tangram lease API",
+        version="1",
+        description="Lease pooled units (CPU cores, GPU chunks, API permits) for single "
+        "actions of RL trajectories. Errors are RFC 9457 problem details.",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    problems.install(app)
+    auth = (401,) if svc.tenants else ()
+
+    @app.post(
+        "/v1/actions",
+        response_model=ActionOut,
+        summary="Submit an action",
+        responses={
+            200: {"description": "granted (or ended already, for a retried submit)"},
+            202: {"model": ActionOut, "description": "queued; poll GET /v1/actions/{id}"},
+            **error_responses(*auth, 409, 422, 429),
+        },
+    )
+    async def submit(
+        request: Request,
+        body: ActionIn,
+        wait: Wait = 0.0,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                min_length=1,
+                max_length=MAX_NAME,
+                description="a retried submit with the same key returns the same action",
+            ),
+        ] = None,
+    ) -> Response:
+        tenant = svc.tenant(request)
+        reg = svc.registry
+        fp = b""
+        if idempotency_key is not None:
+            fp = fingerprint(body)
+            old = reg.by_key.get((tenant, idempotency_key))
+            if old is not None:
+                if old.fingerprint != fp:
+                    raise Problem(
+                        409,
+                        f"Idempotency-Key {idempotency_key!r} was used for a different "
+                        f"action ({old.action.id}); use a new key for a new action",
+                        kind="idempotency-key-reused",
+                    )
+                return await svc.answer(old, wait, 202)
+        bound = svc.bound(tenant)
+        if reg.queued[tenant] >= bound:
+            after = svc.settings.retry_after_seconds
+            who = f"tenant {tenant!r}" if tenant is not None else "this server"
+            raise Problem(
+                429,
+                f"{who} already has {reg.queued[tenant]} queued actions, the bound is "
+                f"{bound}; retry after {after} s, or cancel queued actions",
+                headers={"Retry-After": str(after)},
+            )
+        action = to_action(body, tenant)
+        fut = svc.broker.submit_nowait(action)  # InvalidAction: 422, nothing queued
+        key = (tenant, idempotency_key) if idempotency_key is not None else None
+        rec = Record(action, tenant, body.trajectory, fut, key, fp)
+        reg.add(rec)
+        return await svc.answer(rec, wait, 202)
+
+    @app.get(
+        "/v1/actions/{action_id}",
+        response_model=ActionOut,
+        summary="An action's state and lease (long poll with ?wait)",
+        responses=error_responses(*auth, 404, 422),
+    )
+    async def get_action(request: Request, action_id: Id, wait: Wait = 0.0) -> Response:
+        rec = svc.record(action_id, svc.tenant(request))
+        return await svc.answer(rec, wait, 200)
+
+    @app.delete(
+        "/v1/actions/{action_id}",
+        response_model=ActionOut,
+        summary="Cancel a queued action",
+        responses=error_responses(*auth, 404, 409, 422),
+    )
+    async def cancel_action(request: Request, action_id: Id) -> Response:
+        rec = svc.record(action_id, svc.tenant(request))
+        if rec.state == "queued":
+            svc.broker.cancel(action_id)
+            svc.registry.settle(rec)
+        if rec.state != "cancelled":
+            lease = rec.lease.id if rec.lease is not None else "?"
+            raise Problem(
+                409,
+                f"action {action_id!r} is {rec.state} (lease {lease}), not queued; "
+                "release the lease instead of cancelling the action",
+                kind="not-queued",
+            )
+        return respond(action_json(rec, svc.wall))
+
+    @app.post(
+        "/v1/leases/{lease_id}/heartbeat",
+        response_model=LeaseStateOut,
+        summary="Extend a lease's TTL",
+        responses=error_responses(*auth, 404, 409, 410, 422),
+    )
+    async def heartbeat(
+        request: Request, lease_id: Id, body: HeartbeatIn | None = None
+    ) -> Response:
+        rec = svc.lease_record(lease_id, svc.tenant(request))
+        svc.broker.heartbeat(lease_id, body.ttl if body is not None else None)
+        return respond(lease_state_json(rec, svc.wall))
+
+    @app.post(
+        "/v1/leases/{lease_id}/release",
+        response_model=LeaseStateOut,
+        summary="Release a lease (idempotent)",
+        responses=error_responses(*auth, 404, 410, 422),
+    )
+    async def release(request: Request, lease_id: Id, body: ReleaseIn | None = None) -> Response:
+        rec = svc.lease_record(lease_id, svc.tenant(request))
+        outcome, usage = "ok", None
+        if body is not None:
+            outcome = body.outcome
+            if body.usage is not None and body.usage.tokens is not None:
+                usage = {"tokens": body.usage.tokens}
+        svc.broker.release(lease_id, outcome, usage)  # None when released before: fine
+        return respond(lease_state_json(rec, svc.wall))
+
+    @app.post(
+        "/v1/trajectories/{trajectory_id}/close",
+        response_model=CloseOut,
+        summary="Close a trajectory: free its pinned memory, cancel its queued actions",
+        responses=error_responses(*auth, 422),
+    )
+    async def close_trajectory(request: Request, trajectory_id: Id) -> Response:
+        tenant = svc.tenant(request)
+        traj = trajectory_id if tenant is None else f"{tenant}/{trajectory_id}"
+        n = svc.broker.close_trajectory(traj)
+        return respond({"trajectory": trajectory_id, "cancelled": n})
+
+    @app.get(
+        "/v1/pools",
+        response_model=PoolsOut,
+        summary="Capacity, use, queue length and topology per pool",
+        responses=error_responses(*auth),
+    )
+    async def pools(request: Request) -> Response:
+        svc.tenant(request)
+        snap = svc.broker.snapshot()
+        return respond(
+            {
+                "policy": snap["policy"],
+                "queued": snap["queued"],
+                "leases": snap["leases"],
+                "pools": snap["pools"],
+            }
+        )
+
+    @app.get("/healthz", response_model=HealthOut, summary="Liveness")
+    async def healthz() -> Response:
+        return respond({"status": "ok"})
+
+    @app.get("/readyz", response_model=HealthOut, summary="Readiness")
+    async def readyz() -> Response:
+        return respond({"status": "ready"})
+
+    openapi.install(app, bearer=bool(svc.tenants))
+    return app

@@ -1,0 +1,167 @@
+"""The wire format: request bodies (validated by FastAPI) and the response shapes the
+OpenAPI schema documents. Responses are built by ``wire.py`` as plain dicts (cheaper than
+validating models on the hot path); tests check that the two agree."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Bounds that keep one request's work small: amounts past these never fit a real pool,
+# and ranges are expanded amount by amount when the pools narrow them.
+MAX_UNITS = 4096
+MAX_CHOICES = 256
+MAX_POOLS = 64
+MAX_NAME = 256
+
+Units = Annotated[int, Field(ge=1, le=MAX_UNITS)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+Seconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RangeIn(_In):
+    """Any whole amount from ``min`` to ``max`` (elastic)."""
+
+    min: Units
+    max: Units
+
+
+class ChoicesIn(_In):
+    """One of these amounts (elastic when there are several)."""
+
+    choices: list[Units] = Field(..., min_length=1, max_length=MAX_CHOICES)
+
+
+DemandIn = Units | RangeIn | ChoicesIn
+
+
+class AmdahlIn(_In):
+    amdahl: float = Field(..., ge=0, le=1, description="the parallel fraction p")
+
+
+class TableIn(_In):
+    table: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_CHOICES,
+        description='measured parallel efficiency E(m) per unit count: {"1": 1.0, "4": 0.9}',
+    )
+
+
+class ActionIn(_In):
+    """An action: one external call of a trajectory, and the units it needs."""
+
+    trajectory: Name
+    demands: dict[Name, DemandIn] = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_POOLS,
+        description="pool name -> amount: 4, {min, max} or {choices}",
+    )
+    task: Name = "default"
+    key: Name | None = Field(None, description="the demand whose amount sets the duration")
+    duration: Seconds | None = Field(None, description="seconds at the key demand's minimum")
+    efficiency: AmdahlIn | TableIn | None = None
+    service: Name | None = Field(None, description="the GPU service (model) to run")
+    tokens: int | None = Field(None, ge=0, le=10**12, description="expected API tokens")
+    memory_gb: float = Field(0.0, ge=0, le=1e9, allow_inf_nan=False)
+    ttl: float | None = Field(
+        None, gt=0, le=86400, allow_inf_nan=False, description="lease TTL in seconds"
+    )
+
+
+class UsageIn(BaseModel):
+    """What the call used; ``tokens`` corrects tokens-per-minute pools. Other numbers are
+    accepted and ignored, so clients may report more without breaking."""
+
+    model_config = ConfigDict(extra="allow")
+    tokens: int | None = Field(None, ge=0, le=10**12)
+
+
+class ReleaseIn(_In):
+    outcome: Literal["ok", "error"] = "ok"
+    usage: UsageIn | None = None
+
+
+class HeartbeatIn(_In):
+    ttl: float | None = Field(
+        None, gt=0, le=86400, allow_inf_nan=False, description="new TTL in seconds"
+    )
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class AllocationOut(BaseModel):
+    amount: int
+    node: str | None
+    units: list[int | str]
+
+
+class LeaseOut(BaseModel):
+    id: str
+    fencing_token: int = Field(..., description="grows with every grant; fence stale holders")
+    allocation: dict[str, AllocationOut]
+    dop: int = Field(..., description="units granted on the key pool (1 without a key)")
+    restore: bool = Field(..., description="a GPU service had to be restored for this grant")
+    expires_at: float = Field(..., description="Unix time (seconds) at which the lease lapses")
+    ttl: float = Field(..., description="seconds a heartbeat extends the lease by")
+
+
+State = Literal["queued", "granted", "released", "expired", "cancelled"]
+
+
+class ActionOut(BaseModel):
+    id: str
+    state: State
+    trajectory: str
+    lease: LeaseOut | None = Field(None, description="present once granted")
+
+
+class LeaseStateOut(BaseModel):
+    id: str
+    action: str
+    state: Literal["granted", "released", "expired"]
+    expires_at: float
+    ttl: float
+
+
+class CloseOut(BaseModel):
+    trajectory: str
+    cancelled: int = Field(..., description="queued actions of the trajectory cancelled")
+
+
+class PoolOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    capacity: int
+    in_use: int
+    queued: int
+    nodes: dict[str, dict[str, Any]]
+    topology: dict[str, Any]
+
+
+class PoolsOut(BaseModel):
+    policy: str
+    queued: int
+    leases: int
+    pools: dict[str, PoolOut]
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ProblemOut(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
