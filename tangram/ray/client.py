@@ -1,0 +1,438 @@
+"""The Ray client: the broker's lease interface from any Ray driver, task or actor.
+
+``async with client.lease(action) as lease:`` holds exact units for the body, like the
+in-process ``Broker.lease``. ``await client.run(...)`` runs an action end to end on the
+pooled executors (a sandbox command, a GPU service call, an HTTP call under a quota).
+
+One client sustains many concurrent actions from one process cheaply: every
+submission, release, heartbeat and cancellation goes into an outbox that one pump task
+sends as a single ``exchange`` call, with at most one such call in flight (what piles up
+meanwhile goes in the next one), and one long poll waits for grants while actions are
+queued. Heartbeats are batched too: every third of the shortest TTL held, all held
+leases in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import uuid
+from types import TracebackType
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from tangram.actions import Bound
+from tangram.executors.api import HttpCall, HttpCaller
+from tangram.executors.sandbox import Command
+from tangram.executors.service import ServiceCall
+from tangram.ray.actor import Reply
+from tangram.ray.executors import executor_name
+from tangram.spec import (
+    Action,
+    ActionCancelled,
+    InvalidAction,
+    Lease,
+    LeaseExpired,
+    LeaseReleased,
+    TangramError,
+    UnknownLease,
+)
+
+DEFAULT_NAME = "tangram"
+DEFAULT_NAMESPACE = "tangram"
+POLL_WAIT = 2.0
+
+_ERRORS: dict[str, type[TangramError]] = {
+    c.__name__: c
+    for c in (InvalidAction, UnknownLease, LeaseExpired, LeaseReleased, ActionCancelled)
+}
+
+
+class ExecutorError(TangramError):
+    """The executor running the action failed (its actor died); the units were returned."""
+
+
+class BrokerNotFound(TangramError):
+    """No broker actor under that name and namespace."""
+
+
+def _error(name: str | None, message: str | None) -> TangramError:
+    return _ERRORS.get(name or "", TangramError)(message or name or "error")
+
+
+def get_broker(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:
+    """The running broker actor's handle (``ray.init`` must have been called)."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise BrokerNotFound(
+            f"no Tangram broker named {name!r} in Ray namespace {namespace!r}; start one "
+            "with tangram.ray.start_broker(config) or `tangram ray start`"
+        ) from None
+
+
+class Client:
+    """One per process (or per actor) is enough; it is bound to the event loop that
+    first uses it."""
+
+    def __init__(
+        self,
+        broker: Any = None,
+        *,
+        name: str = DEFAULT_NAME,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> None:
+        self.broker = broker if broker is not None else get_broker(name, namespace)
+        self.name = name
+        self.namespace = namespace
+        self.id = f"c{uuid.uuid4().hex[:12]}"
+        self._seq = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[Lease]] = {}
+        self._releasing: dict[str, asyncio.Future[None]] = {}
+        self._submits: list[Action] = []
+        self._releases: list[tuple[str, str, dict[str, Any] | None]] = []
+        self._beats: list[str] = []
+        self._cancels: list[str] = []
+        self._held: dict[str, float] = {}  # lease id -> ttl, while a body holds it
+        self._lost: dict[str, TangramError] = {}  # held leases that failed a heartbeat
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._polling = False
+        self._beating = False
+        self._pools: dict[str, dict[str, Any]] | None = None
+        self._executors: dict[tuple[str, str, str], Any] = {}
+        self._http: HttpCaller | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ leases
+    async def acquire(self, action: Action, timeout: float | None = None) -> Lease:
+        """Submit and wait for the grant; on timeout or cancellation the action leaves
+        the queue and a grant that raced with it is given back."""
+        if self._closed:
+            raise TangramError("this client is closed")
+        if not action.id:
+            action.id = f"{self.id}-{next(self._seq)}"
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiting[action.id] = fut
+        self._submits.append(action)
+        self._kick()
+        try:
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(fut, timeout)
+        except BaseException:
+            if self._waiting.pop(action.id, None) is not None:
+                self._cancels.append(action.id)
+                self._kick()
+            raise
+
+    async def release(
+        self, lease_id: str, outcome: str = "ok", usage: dict[str, Any] | None = None
+    ) -> None:
+        """Return the lease's units. Releasing twice is fine; LeaseExpired if it expired."""
+        self._held.pop(lease_id, None)
+        lost = self._lost.pop(lease_id, None)
+        fut = self._releasing.get(lease_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._releasing[lease_id] = fut
+            self._releases.append((lease_id, outcome, usage))
+            self._kick()
+        with contextlib.suppress(LeaseReleased):
+            await asyncio.shield(fut)
+        if lost is not None and isinstance(lost, LeaseExpired):
+            raise lost
+
+    def lease(self, action: Action, *, timeout: float | None = None) -> ClientLease:
+        """``async with client.lease(action) as lease:``, kept alive by batched heartbeats."""
+        return ClientLease(self, action, timeout)
+
+    def hold(self, lease: Lease) -> None:
+        """Keep ``lease`` alive with the batched heartbeats until it is released."""
+        self._held[lease.id] = lease.ttl
+        if not self._beating:
+            self._beating = True
+            self._spawn(self._beat())
+
+    # ------------------------------------------------------------------ other calls
+    async def close_trajectory(self, trajectory: str) -> int:
+        """Close the trajectory (its pinned memory, queued actions, sandbox directory)."""
+        return int(await self.broker.close_trajectory.remote(trajectory))
+
+    async def snapshot(self) -> dict[str, Any]:
+        snap: dict[str, Any] = await self.broker.snapshot.remote()
+        return snap
+
+    async def pools(self) -> dict[str, dict[str, Any]]:
+        if self._pools is None:
+            self._pools = await self.broker.describe.remote()
+        return self._pools
+
+    # ------------------------------------------------------------------ end to end
+    async def run(
+        self,
+        work: Bound[Any] | Action,
+        request: Any = None,
+        *,
+        trajectory: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Lease, run the request on its executor, release; return the executor's result.
+
+        ``work`` is a ``Bound`` from an ``@tangram.action`` function (then give
+        ``trajectory``) or an ``Action`` (then give ``request``): a ``Command``, a
+        ``ServiceCall`` or an ``HttpCall``. A failure of the executor raises
+        ``ExecutorError``; the units go back in every case."""
+        if isinstance(work, Bound):
+            if trajectory is None:
+                raise InvalidAction("client.run(bound) needs trajectory=...")
+            action, request = work.action(trajectory), work.request
+        else:
+            action = work
+        if not isinstance(request, (Command, ServiceCall, HttpCall)):
+            raise InvalidAction(
+                f"cannot run {type(request).__name__}: give a Command, ServiceCall or HttpCall"
+            )
+        if isinstance(request, Command):
+            request.check()  # bad input fails before it waits in the queue
+        elif isinstance(request, HttpCall):
+            request.check()
+        pools = await self.pools()
+        lease = await self.acquire(action, timeout)
+        self.hold(lease)
+        usage: dict[str, Any] | None = None
+        try:
+            if isinstance(request, Command):
+                result = await self._run_command(lease, request, pools)
+            elif isinstance(request, ServiceCall):
+                result = await self._run_service(lease, request, pools)
+            else:
+                if self._http is None:
+                    self._http = HttpCaller()
+                result = await self._http.call(request)
+                if result.tokens is not None:
+                    usage = {"tokens": result.tokens}
+        except BaseException:
+            with contextlib.suppress(TangramError):
+                await self.release(lease.id, "error")
+            raise
+        await self.release(lease.id, "ok", usage)
+        return result
+
+    def _pool_of(self, lease: Lease, kind: str, pools: dict[str, dict[str, Any]]) -> str:
+        key = lease.action.key
+        if key is not None and pools.get(key, {}).get("kind") == kind:
+            return key
+        for p in lease.allocation:
+            if pools.get(p, {}).get("kind") == kind:
+                return p
+        raise InvalidAction(
+            f"action {lease.action.id!r} demands no {kind} pool; demands: "
+            + ", ".join(lease.allocation)
+        )
+
+    def _executor(self, kind: str, pool: str, node: str) -> Any:
+        k = (kind, pool, node)
+        handle = self._executors.get(k)
+        if handle is None:
+            name = executor_name(self.name, kind, pool, node)
+            try:
+                handle = ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                raise ExecutorError(
+                    f"no {kind} executor {name!r} for node {node!r} of pool {pool!r}; "
+                    "start_broker(..., executors=True) starts them"
+                ) from None
+            self._executors[k] = handle
+        return handle
+
+    async def _call(self, lease: Lease, kind: str, pool: str, method: str, *args: Any) -> Any:
+        node = lease.allocation[pool].node or ""
+        handle = self._executor(kind, pool, node)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except RayActorError as exc:
+            self._executors.pop((kind, pool, node), None)
+            raise ExecutorError(
+                f"the {kind} executor of node {node!r} (pool {pool!r}) died while running "
+                f"action {lease.action.id!r} of trajectory {lease.action.trajectory!r}; "
+                f"lease {lease.id} is released and its units returned ({type(exc).__name__})"
+            ) from exc
+
+    async def _run_command(
+        self, lease: Lease, cmd: Command, pools: dict[str, dict[str, Any]]
+    ) -> Any:
+        pool = self._pool_of(lease, "cpu", pools)
+        alloc = lease.allocation[pool]
+        dop = alloc.amount if lease.action.key in (pool, None) else lease.dop
+        return await self._call(
+            lease, "sandbox", pool, "run", lease.action.trajectory, cmd, alloc.units, dop
+        )
+
+    async def _run_service(
+        self, lease: Lease, call: ServiceCall, pools: dict[str, dict[str, Any]]
+    ) -> Any:
+        service = lease.action.service
+        if service is None:
+            raise InvalidAction("a ServiceCall needs an action with service=...")
+        pool = self._pool_of(lease, "gpu", pools)
+        alloc = lease.allocation[pool]
+        result = await self._call(
+            lease, "service", pool, "run", service, alloc.units, alloc.evicts, call.payload
+        )
+        if result.restored:
+            # The measured copy time corrects the pool's restore cost (fire and forget).
+            self.broker.observe_restore.remote(pool, service, result.restore_seconds)
+        return result
+
+    # ------------------------------------------------------------------ the pump
+    def _kick(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._spawn(self._pump())
+        self._wake.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _pump(self) -> None:
+        assert self._wake is not None
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._submits or self._releases or self._beats or self._cancels:
+                batch = (self._submits, self._releases, self._beats, self._cancels)
+                self._submits, self._releases, self._beats, self._cancels = [], [], [], []
+                try:
+                    reply = await self.broker.exchange.remote(self.id, *batch, 0.0)
+                except Exception as exc:  # the broker is gone: fail what waited on it
+                    self._fail_all(batch, exc)
+                    continue
+                self._handle(reply)
+            if self._waiting and not self._polling:
+                self._polling = True
+                self._spawn(self._poll())
+
+    async def _poll(self) -> None:
+        # While actions wait, one call at a time sits in the broker until grants come.
+        try:
+            while self._waiting and not self._closed:
+                reply = await self.broker.exchange.remote(self.id, [], [], [], [], POLL_WAIT)
+                self._handle(reply)
+        except Exception as exc:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(TangramError(f"lost the broker: {exc}"))
+            self._waiting.clear()
+        finally:
+            self._polling = False
+
+    def _handle(self, reply: Reply) -> None:
+        grants, released, failed = reply
+        for action_id, lease, err, msg in grants:
+            fut = self._waiting.pop(action_id, None)
+            if lease is not None and (fut is None or fut.done()):
+                # Its caller gave up (timeout, cancellation): give the grant back.
+                self._releases.append((lease.id, "abandoned", None))
+                self._releasing[lease.id] = asyncio.get_running_loop().create_future()
+                self._kick()
+                continue
+            if fut is None or fut.done():
+                continue
+            if lease is not None:
+                fut.set_result(lease)
+            else:
+                fut.set_exception(_error(err, msg))
+        for lease_id, err, msg in released:
+            rfut = self._releasing.pop(lease_id, None)
+            if rfut is not None and not rfut.done():
+                if err is None:
+                    rfut.set_result(None)
+                else:
+                    rfut.set_exception(_error(err, msg))
+                    rfut.exception()  # retrieved: an abandoned release may have no reader
+        for lease_id, err, msg in failed:
+            if self._held.pop(lease_id, None) is not None:
+                self._lost[lease_id] = _error(err, msg)
+
+    def _fail_all(self, batch: tuple[list[Any], ...], exc: BaseException) -> None:
+        submits, releases, _, _ = batch
+        error = TangramError(f"the broker call failed: {exc}")
+        for action in submits:
+            fut = self._waiting.pop(action.id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(error)
+        for lease_id, _, _ in releases:
+            rfut = self._releasing.pop(lease_id, None)
+            if rfut is not None and not rfut.done():
+                rfut.set_exception(error)
+                rfut.exception()
+
+    async def _beat(self) -> None:
+        try:
+            while self._held and not self._closed:
+                await asyncio.sleep(min(self._held.values()) / 3)
+                if self._held:
+                    self._beats.extend(self._held)
+                    self._kick()
+        finally:
+            self._beating = False
+
+    async def aclose(self) -> None:
+        """Stop the pump; grants the broker holds for this client go back."""
+        if self._closed:
+            return
+        if self._releases or self._submits:
+            self._kick()
+            await asyncio.sleep(0)
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.broker.goodbye.remote(self.id)
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class ClientLease:
+    """The ``async with`` of ``Client.lease``."""
+
+    __slots__ = ("_action", "_client", "_lease", "_timeout")
+
+    def __init__(self, client: Client, action: Action, timeout: float | None) -> None:
+        self._client = client
+        self._action = action
+        self._timeout = timeout
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        lease = await self._client.acquire(self._action, self._timeout)
+        self._lease = lease
+        self._client.hold(lease)
+        return lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._lease is not None
+        if exc_type is None:
+            await self._client.release(self._lease.id, "ok")
+            return
+        with contextlib.suppress(TangramError):  # the body's error matters more
+            await self._client.release(self._lease.id, "error")

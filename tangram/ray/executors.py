@@ -1,0 +1,183 @@
+"""Executor actors, one per pool node, placed on their Ray node by node affinity.
+
+A CPU pool's node ``n`` gets a ``SandboxActor`` named ``<broker>.sandbox.<pool>.<n>``; a
+GPU pool's node gets a ``ServiceActor`` named ``<broker>.service.<pool>.<n>``. Clients
+find them by those names from the lease's allocation (pool and node), so no lookup goes
+through the broker on the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from tangram.config import Config, CpuPoolConfig, GpuPoolConfig
+from tangram.executors.sandbox import Command, CommandResult, SandboxRunner
+from tangram.executors.service import ServiceHost, ServiceResult, ServiceSpec
+
+
+class PlacementError(ValueError):
+    """A pool node cannot be matched to a Ray node; the message says how to fix it."""
+
+
+class SandboxActor:
+    """A ``SandboxRunner`` on one node (wrapped with ``ray.remote`` when started)."""
+
+    def __init__(self, root: str, node: str) -> None:
+        self.runner = SandboxRunner(root, node)
+
+    async def run(
+        self, trajectory: str, cmd: Command, cores: Sequence[int], dop: int
+    ) -> CommandResult:
+        result = await self.runner.run(trajectory, cmd, cores, dop)
+        result.extra["ray_node"] = ray.get_runtime_context().get_node_id()
+        return result
+
+    async def close_trajectory(self, trajectory: str) -> bool:
+        return self.runner.close_trajectory(trajectory)
+
+    async def trajectories(self) -> list[str]:
+        return self.runner.trajectories()
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "node": self.runner.node,
+            "ray_node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "root": str(self.runner.root),
+            "running": len(self.runner.running),
+        }
+
+
+class ServiceActor:
+    """A ``ServiceHost`` on one GPU node; services are loaded at start-up."""
+
+    def __init__(self, node: str, device_kind: str, services: Sequence[ServiceSpec]) -> None:
+        self.host = ServiceHost(node, device_kind)
+        for spec in services:
+            self.host.register(spec)
+
+    async def run(
+        self, service: str, units: Sequence[int], evicts: Sequence[str], payload: Any
+    ) -> ServiceResult:
+        return await self.host.run(service, units, evicts, payload)
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "node": self.host.node,
+            "ray_node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "services": sorted(self.host.specs),
+            "resident": sorted(f"{s}/tp{k}:{u}" for s, k, u in self.host.resident),
+        }
+
+
+def executor_name(broker: str, kind: str, pool: str, node: str) -> str:
+    return f"{broker}.{kind}.{pool}.{node}"
+
+
+def find_executor(broker: str, namespace: str, kind: str, pool: str, node: str) -> Any:
+    """The executor actor's handle, or None when there is none."""
+    try:
+        return ray.get_actor(executor_name(broker, kind, pool, node), namespace=namespace)
+    except ValueError:
+        return None
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+
+
+def resolve_node(
+    name: str, placement: Mapping[str, str] | None, nodes: list[dict[str, Any]]
+) -> str:
+    """The Ray node id for pool node ``name``: from ``placement``, else the node whose
+    id is ``name`` (pools built by ``cpu_pool_from_ray``), else the only node there is."""
+    ids = {str(n["NodeID"]) for n in nodes}
+    if placement is not None and name in placement:
+        node_id = str(placement[name])
+        if node_id not in ids:
+            raise PlacementError(
+                f"placement maps node {name!r} to {node_id!r}, not an alive Ray node"
+            )
+        return node_id
+    if name in ids:
+        return name
+    if len(ids) == 1:
+        return next(iter(ids))
+    raise PlacementError(
+        f"pool node {name!r} is not a Ray node id and the cluster has {len(ids)} nodes; "
+        "pass placement={pool node name: Ray node id} or build the pool with "
+        "tangram.ray.cpu_pool_from_ray()"
+    )
+
+
+def start_executors(
+    config: Config,
+    *,
+    broker: str,
+    namespace: str,
+    services: Iterable[ServiceSpec] = (),
+    placement: Mapping[str, str] | None = None,
+    sandbox_root: str | None = None,
+    device_kind: str = "cpu",
+    max_restarts: int = 3,
+    detached: bool = True,
+) -> list[Any]:
+    """Start (or find) one executor actor per CPU and GPU pool node; wait until each
+    answers. Returns their handles."""
+    nodes = alive_nodes()
+    specs = list(services)
+    root = sandbox_root or os.path.join(tempfile.gettempdir(), "tangram-sandbox", broker)
+    started: list[Any] = []
+    for pool, pc in config.pools.items():
+        if isinstance(pc, CpuPoolConfig):
+            names = list(config.build_pools()[pool].nodes)  # type: ignore[attr-defined]
+            for node in names:
+                cls: Any = ray.remote(SandboxActor)
+                opts = _options(
+                    executor_name(broker, "sandbox", pool, node),
+                    namespace,
+                    resolve_node(node, placement, nodes),
+                    max_restarts,
+                    detached,
+                )
+                started.append(cls.options(**opts).remote(os.path.join(root, pool, node), node))
+        elif isinstance(pc, GpuPoolConfig):
+            mgr = config.build_pools()[pool]
+            for node, gnode in mgr.nodes.items():  # type: ignore[attr-defined]
+                cls = ray.remote(ServiceActor)
+                opts = _options(
+                    executor_name(broker, "service", pool, node),
+                    namespace,
+                    resolve_node(node, placement, nodes),
+                    max_restarts,
+                    detached,
+                )
+                if device_kind == "cuda":
+                    opts["num_gpus"] = gnode.gpus
+                started.append(cls.options(**opts).remote(node, device_kind, specs))
+    ray.get([h.info.remote() for h in started])
+    return started
+
+
+def _options(
+    name: str, namespace: str, node_id: str, max_restarts: int, detached: bool
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "get_if_exists": True,
+        "max_restarts": max_restarts,
+        "num_cpus": 0,  # it only waits on children; the cores are the broker's to grant
+        "max_concurrency": 1000,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
+    }
+    if detached:
+        opts["lifetime"] = "detached"
+    return opts
