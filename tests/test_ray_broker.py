@@ -218,7 +218,7 @@ async def test_killed_executor_fails_the_action_and_returns_units(client: tr.Cli
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     ray.kill(executor, no_restart=False)  # dies now; Ray restarts it (max_restarts)
-    with pytest.raises(tr.ExecutorError, match="died while running action .* units returned"):
+    with pytest.raises(tr.ExecutorError, match=r"died while running action .* units returned"):
         await task
     assert await in_use(client, "cpu") == 0
     # The restarted executor serves the next action.
@@ -305,9 +305,8 @@ async def test_http_app_served_from_the_actor_shares_its_broker(client: tr.Clien
     broker = tr.get_broker()
     port = await broker.serve_http.remote(_app_factory)
     try:
-        async with client.lease(Action.build("t-http", {"permits": 2})):
-            async with httpx.AsyncClient() as http:
-                snap = (await http.get(f"http://127.0.0.1:{port}/snapshot")).json()
+        async with client.lease(Action.build("t-http", {"permits": 2})), httpx.AsyncClient() as h:
+            snap = (await h.get(f"http://127.0.0.1:{port}/snapshot")).json()
         assert snap["pools"]["permits"]["in_use"] == 2
     finally:
         await broker.stop_http.remote()

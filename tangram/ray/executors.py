@@ -36,6 +36,7 @@ class SandboxActor:
     ) -> CommandResult:
         result = await self.runner.run(trajectory, cmd, cores, dop)
         result.extra["ray_node"] = ray.get_runtime_context().get_node_id()
+        result.extra["executor_pid"] = os.getpid()
         return result
 
     async def close_trajectory(self, trajectory: str) -> bool:
