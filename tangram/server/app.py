@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -129,14 +129,23 @@ def _for(tenant: str | None) -> str:
     return f" for tenant {tenant!r}" if tenant is not None else ""
 
 
-def create_app(cfg: Config, tenants: Mapping[str, Tenant] | None = None) -> FastAPI:
-    """The app for ``cfg``; ``tenants`` defaults to the configuration's own."""
+def create_app(
+    cfg: Config,
+    tenants: Mapping[str, Tenant] | None = None,
+    *,
+    on_stop: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The app for ``cfg``; ``tenants`` defaults to the configuration's own. ``on_stop``
+    runs at shutdown (uvicorn re-raises SIGTERM after it, so code after ``run`` never
+    does)."""
     svc = Service(cfg, cfg.tenants() if tenants is None else tenants)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await svc.broker.close()
+        if on_stop is not None:
+            on_stop()
 
     app = FastAPI(
         title="Tangram lease API",

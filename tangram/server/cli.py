@@ -74,7 +74,13 @@ def serve(
         typer.echo(f"tangram serve: cannot listen on {host}:{port}: {exc}", err=True)
         raise typer.Exit(1) from None
     url = url_of(sock)
-    app = create_app(cfg, tenants)
+    info = data_dir / "serve.json" if data_dir is not None else None
+
+    def forget() -> None:
+        if info is not None:
+            info.unlink(missing_ok=True)
+
+    app = create_app(cfg, tenants, on_stop=forget)
     who = f"{len(tenants)} tenants" if tenants else "no tenants (loopback only)"
     log.info(
         "tangram serve: lease API on %s for pools %s; policy %s, lease TTL %gs, %s; "
@@ -87,13 +93,11 @@ def serve(
         config or "embedded defaults",
         url,
     )
-    info = data_dir / "serve.json" if data_dir is not None else None
     if info is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        info.parent.mkdir(parents=True, exist_ok=True)
         info.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     try:
         uvicorn.Server(uvicorn_config(app, log_level=log_level)).run(sockets=[sock])
     finally:
         sock.close()
-        if info is not None:
-            info.unlink(missing_ok=True)
+        forget()
