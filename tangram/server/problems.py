@@ -106,9 +106,14 @@ def install(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        if exc.status_code == 404 and detail == "Not Found":
+        status = exc.status_code
+        if status == 404 and detail == "Not Found":
             detail = f"no such endpoint {request.method} {request.url.path}; see /docs"
-        return Problem(exc.status_code, detail, headers=exc.headers).response(request.url.path)
+        if status == 400:
+            # FastAPI's answer to a body it cannot decode; malformed JSON it answers with
+            # 422 already, so one status covers every unreadable body.
+            status, detail = 422, "body: not a JSON document in UTF-8 (" + detail + ")"
+        return Problem(status, detail, headers=exc.headers).response(request.url.path)
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         # A bug, not an input error; it must still answer in the same format.
