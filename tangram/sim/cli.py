@@ -46,6 +46,16 @@ ConfigOpt = Annotated[
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="directory for results.json and PNGs")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed of the workload")]
+CapacityOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--capacity",
+        help="resize the first CPU/GPU pool (or --pool) to this many units, in whole nodes",
+    ),
+]
+PoolOpt = Annotated[
+    str | None, typer.Option("--pool", help="the pool --capacity resizes (default: first cpu/gpu)")
+]
 CheckOpt = Annotated[
     bool, typer.Option("--check", help="check capacity and unit exclusivity after every round")
 ]
@@ -65,6 +75,21 @@ def _pools(config: Path | None, workload: str | None) -> dict[str, Any]:
     if workload is None:
         raise _fail("give --config POOLS.yaml or --workload W (for its default pools)")
     return copy.deepcopy(WORKLOADS[workload].pools)
+
+
+def _target_pool(pools: dict[str, Any], pool: str | None) -> str:
+    if pool is not None:
+        return pool
+    return next((n for n, p in pools["pools"].items() if p.get("kind") in ("cpu", "gpu")), "")
+
+
+def _resized(pools: dict[str, Any], pool: str | None, capacity: int | None) -> dict[str, Any]:
+    if capacity is None:
+        return pools
+    try:
+        return scale_pool(pools, _target_pool(pools, pool), capacity)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _check_workload(name: str) -> None:
@@ -164,12 +189,14 @@ def sim(
         str | None,
         typer.Option("--ref", help="policy the ratios are taken against (default: first)"),
     ] = None,
+    capacity: CapacityOpt = None,
+    pool: PoolOpt = None,
     check: CheckOpt = False,
 ) -> None:
     """Generate a workload and run it under each policy; print a table, write results."""
     _check_workload(workload)
     policies = _check_policies(policy)
-    pools = _pools(config, workload)
+    pools = _resized(_pools(config, workload), pool, capacity)
     t0 = time.perf_counter()
     trajs = generate(workload, batch, steps, seed)
     if save_trace is not None:
@@ -209,13 +236,15 @@ def replay(
     seed: SeedOpt = 0,
     out: OutOpt = Path("bench-out"),
     ref: Annotated[str | None, typer.Option("--ref", help="policy for the ratio columns")] = None,
+    capacity: CapacityOpt = None,
+    pool: PoolOpt = None,
     check: CheckOpt = False,
 ) -> None:
     """Replay a recorded trace under each policy; print a table, write results."""
     if workload is not None:
         _check_workload(workload)
     policies = _check_policies(policy)
-    pools = _pools(config, workload)
+    pools = _resized(_pools(config, workload), pool, capacity)
     t0 = time.perf_counter()
     try:
         trajs = read_trace(trace)
@@ -270,10 +299,8 @@ def sweep(
     values: Annotated[
         str, typer.Option("--values", help="comma-separated batch sizes or unit counts")
     ] = "128,256,512,1024",
-    pool: Annotated[
-        str | None,
-        typer.Option("--pool", help="pool resized by --vary capacity (default: cpu/gpu)"),
-    ] = None,
+    pool: PoolOpt = None,
+    capacity: CapacityOpt = None,
     batch: Annotated[
         int | None, typer.Option("--batch", "-b", help="batch when varying capacity")
     ] = None,
@@ -294,23 +321,27 @@ def sweep(
         raise _fail(f"--values {values!r}: write whole numbers separated by commas") from None
     if not xs or min(xs) < 1:
         raise _fail("--values needs at least one positive number")
-    pools = _pools(config, workload)
-    target = pool or next(
-        (n for n, p in pools["pools"].items() if p.get("kind") in ("cpu", "gpu")), ""
-    )
+    if vary == "capacity" and capacity is not None:
+        raise _fail("--capacity fixes the capacity; it cannot be combined with --vary capacity")
+    pools = _resized(_pools(config, workload), pool, capacity)
+    target = _target_pool(pools, pool)
     t0 = time.perf_counter()
     points: list[dict[str, Any]] = []
     curves: dict[str, list[float]] = {p: [] for p in policies}
+    sized: dict[int, dict[str, Any]] = {}
+    if vary == "capacity":  # every size checked before any simulation runs
+        for x in xs:
+            try:
+                sized[x] = scale_pool(pools, target, x)
+            except ValueError as exc:
+                raise _fail(str(exc)) from None
     fixed_trajs = generate(workload, batch, steps, seed) if vary == "capacity" else None
     for x in xs:
         if vary == "batch":
             trajs, cfg = generate(workload, x, steps, seed), pools
         else:
             assert fixed_trajs is not None
-            try:
-                trajs, cfg = fixed_trajs, scale_pool(pools, target, x)
-            except ValueError as exc:
-                raise _fail(str(exc)) from None
+            trajs, cfg = fixed_trajs, sized[x]
         console.print(f"[bold]{vary} = {x}[/bold]")
         results, _ = run_policies(trajs, cfg, policies, seed, check)
         console.print(report.table(results, f"{workload}, {vary} {x}", policies[0]))
