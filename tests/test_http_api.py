@@ -146,6 +146,9 @@ async def test_impossible_action_is_refused_with_the_cores_message(http):
         (b'{"trajectory": "t", "demands": {"cpu": 1}, "duration": -1}', "body.duration"),
         (b'{"trajectory": "t", "demands": {"cpu": 1}, "colour": "red"}', "body.colour"),
         (b"[]", "body"),
+        (b'{"trajectory": "t", "demands": {"cpu": true}}', "body.demands.cpu.amount"),
+        (b'{"trajectory": "t", "demands": {"cpu": {"min": 1}}}', "body.demands.cpu.range.max"),
+        (b"", "body: Field required"),
     ],
 )
 async def test_malformed_requests_get_a_problem_naming_the_field(http, content, where):

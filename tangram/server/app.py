@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from starlette.responses import Response
 
 from tangram.broker import Broker
 from tangram.config import Config, Tenant
-from tangram.server import openapi, problems
+from tangram.server import openapi, parse, problems
 from tangram.server.models import (
     MAX_NAME,
     ActionIn,
@@ -167,21 +167,17 @@ def create_app(
             202: {"model": ActionOut, "description": "queued; poll GET /v1/actions/{id}"},
             **error_responses(*auth, 409, 422, 429),
         },
+        openapi_extra={
+            "parameters": [parse.WAIT_PARAM, parse.KEY_PARAM],
+            "requestBody": parse.body_spec(ActionIn, required=True),
+        },
     )
-    async def submit(
-        request: Request,
-        body: ActionIn,
-        wait: Wait = 0.0,
-        idempotency_key: Annotated[
-            str | None,
-            Header(
-                min_length=1,
-                max_length=MAX_NAME,
-                description="a retried submit with the same key returns the same action",
-            ),
-        ] = None,
-    ) -> Response:
+    async def submit(request: Request) -> Response:
         tenant = svc.tenant(request)
+        body = await parse.body(request, ActionIn, required=True)
+        assert body is not None
+        wait = parse.wait(request)
+        idempotency_key = parse.idempotency_key(request)
         reg = svc.registry
         fp = b""
         if idempotency_key is not None:
@@ -262,9 +258,11 @@ def create_app(
         response_model=LeaseStateOut,
         summary="Release a lease (idempotent)",
         responses=error_responses(*auth, 404, 410, 422),
+        openapi_extra={"requestBody": parse.body_spec(ReleaseIn, required=False)},
     )
-    async def release(request: Request, lease_id: Id, body: ReleaseIn | None = None) -> Response:
+    async def release(request: Request, lease_id: Id) -> Response:
         rec = svc.lease_record(lease_id, svc.tenant(request))
+        body = await parse.body(request, ReleaseIn, required=False)
         outcome, usage = "ok", None
         if body is not None:
             outcome = body.outcome

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Ge, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 # Bounds that keep one request's work small: amounts past these never fit a real pool,
 # and ranges are expanded amount by amount when the pools narrow them.
@@ -15,7 +16,18 @@ MAX_CHOICES = 256
 MAX_POOLS = 64
 MAX_NAME = 256
 
-Units = Annotated[int, Field(ge=1, le=MAX_UNITS)]
+
+def _whole(v: Any) -> Any:
+    """JSON integers only: no booleans or strings (pydantic's lax mode takes both), but
+    4.0 is 4 as JSON Schema says."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a whole number")
+    return v
+
+
+# Constraints before the validator, or the schema shows pydantic's "ge" for "minimum".
+Units = Annotated[int, Ge(1), Le(MAX_UNITS), BeforeValidator(_whole)]
+Tokens = Annotated[int, Ge(0), Le(10**12), BeforeValidator(_whole)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 Seconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
 
@@ -37,7 +49,21 @@ class ChoicesIn(_In):
     choices: list[Units] = Field(..., min_length=1, max_length=MAX_CHOICES)
 
 
-DemandIn = Units | RangeIn | ChoicesIn
+def _shape(v: Any) -> str | None:
+    """Which of the three shapes a demand is written in, so errors name that shape."""
+    if isinstance(v, dict):
+        return "choices" if "choices" in v else "range"
+    if isinstance(v, BaseModel):
+        return "choices" if isinstance(v, ChoicesIn) else "range"
+    return "amount"
+
+
+DemandIn = Annotated[
+    Annotated[Units, Tag("amount")]
+    | Annotated[RangeIn, Tag("range")]
+    | Annotated[ChoicesIn, Tag("choices")],
+    Discriminator(_shape),
+]
 
 
 class AmdahlIn(_In):
@@ -68,7 +94,7 @@ class ActionIn(_In):
     duration: Seconds | None = Field(None, description="seconds at the key demand's minimum")
     efficiency: AmdahlIn | TableIn | None = None
     service: Name | None = Field(None, description="the GPU service (model) to run")
-    tokens: int | None = Field(None, ge=0, le=10**12, description="expected API tokens")
+    tokens: Tokens | None = Field(None, description="expected API tokens")
     memory_gb: float = Field(0.0, ge=0, le=1e9, allow_inf_nan=False)
     ttl: float | None = Field(
         None, gt=0, le=86400, allow_inf_nan=False, description="lease TTL in seconds"
@@ -80,7 +106,7 @@ class UsageIn(BaseModel):
     accepted and ignored, so clients may report more without breaking."""
 
     model_config = ConfigDict(extra="allow")
-    tokens: int | None = Field(None, ge=0, le=10**12)
+    tokens: Tokens | None = None
 
 
 class ReleaseIn(_In):

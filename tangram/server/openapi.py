@@ -11,10 +11,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
-from tangram.server.models import ProblemOut
+from tangram.server.models import ActionIn, ProblemOut, ReleaseIn
 from tangram.server.problems import PROBLEM
 
+BODIES = (ActionIn, ReleaseIn)
 _WHY = {
     401: "no bearer token, or not a tenant's token",
     404: "no such action or lease (or another tenant's)",
@@ -40,6 +42,13 @@ def install(app: FastAPI, *, bearer: bool) -> None:
             description=app.description,
             routes=app.routes,
         )
+        # The bodies the hot endpoints read by hand (parse.py) are not known to FastAPI.
+        _, defs = models_json_schema(
+            [(m, "validation") for m in BODIES], ref_template="#/components/schemas/{model}"
+        )
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in defs.get("$defs", {}).items():
+            schemas.setdefault(name, schema)
         ref = {"$ref": "#/components/schemas/ProblemOut"}
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():

@@ -1,0 +1,83 @@
+"""Reading the hot endpoints' requests by hand.
+
+FastAPI's parameter machinery costs more per request than the broker's whole lease
+cycle, so submit and release read their query, header and body here, with the same
+rules their OpenAPI declarations (``openapi.py``) state, and the same problem answers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from tangram.server.models import MAX_NAME
+from tangram.server.problems import Problem
+
+M = TypeVar("M", bound=BaseModel)
+MAX_WAIT = 3600.0
+
+
+def _detail(exc: ValidationError, where: str) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(x) for x in (where, *err.get("loc", ())))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+async def body(request: Request, model: type[M], *, required: bool) -> M | None:
+    """The JSON body as ``model``; None for an empty optional body."""
+    raw = await request.body()
+    if not raw:
+        if required:
+            raise Problem(422, "body: Field required")
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise Problem(422, _detail(exc, "body")) from None
+
+
+def wait(request: Request) -> float:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Problem(422, f"query.wait: {raw[:40]!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_WAIT:
+        raise Problem(422, f"query.wait: must be between 0 and {MAX_WAIT:g} seconds")
+    return value
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_NAME:
+        raise Problem(422, f"header.idempotency-key: must be 1 to {MAX_NAME} characters")
+    return key
+
+
+WAIT_PARAM: dict[str, Any] = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": "seconds to hold the request while the action is queued (long poll); "
+    "the server caps it at its max_wait_seconds",
+    "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT, "default": 0},
+}
+KEY_PARAM: dict[str, Any] = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "a retried submit with the same key returns the same action",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+}
+
+
+def body_spec(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"required": required, "content": {"application/json": {"schema": ref}}}
