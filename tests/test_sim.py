@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tangram.sim.engine import SimulationStuck
+from tangram.sim.provider import Provider
 from tangram.sim.run import simulate
 from tangram.sim.trace import TraceError, dump_lines, parse_lines, read_trace, write_trace
 from tangram.sim.workloads import WORKLOADS, generate
@@ -214,3 +215,32 @@ def test_a_stuck_simulation_is_reported_not_truncated() -> None:
     }
     with pytest.raises(SimulationStuck, match="can never run"):
         simulate(generate("coding", 40, 1, 1), pools, "tangram")
+
+
+def test_the_broker_never_exceeds_a_provider_limit_that_naive_clients_hit() -> None:
+    # Rate, window and concurrency limits at once; every grant of the core is replayed
+    # against an independent provider model, which counts any call over a limit.
+    pools = {
+        "pools": {
+            "search": {
+                "kind": "quota",
+                "concurrency": 8,
+                "window": {"limit": 30, "seconds": 10},
+                "rate": {"per_second": 2, "burst": 4},
+            },
+            "fetch": {"kind": "quota", "concurrency": 4},
+            "gpu": WORKLOADS["deepsearch"].pools["pools"]["gpu"],
+        }
+    }
+    trajs = generate("deepsearch", 48, 1, 2)
+    broker, _ = simulate(trajs, pools, "tangram", check=True)
+    naive, _ = simulate(trajs, pools, "naive-api", check=True)
+    assert broker["quota_violations"] == 0
+    assert naive["quota_violations"] > 0
+
+
+def test_provider_refuses_calls_over_its_rate() -> None:
+    p = Provider(None, None, (1.0, 2.0))  # one call per second, bursts of two
+    assert [p.admit(0.0), p.admit(0.0), p.admit(0.0)] == [True, True, False]
+    assert p.admit(0.5) is False
+    assert p.admit(1.0) is True

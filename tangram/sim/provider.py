@@ -9,19 +9,39 @@ from __future__ import annotations
 
 from collections import deque
 
-from tangram.config import QuotaPoolConfig
+from tangram.config import QuotaPoolConfig, build_pool
 from tangram.core.managers.quota import QuotaManager
 
 
 class Provider:
-    """An API's limits as its provider enforces them: calls in flight and calls per
-    window; a call over either is refused (it does not count)."""
+    """An API's limits as its provider enforces them: calls in flight, calls per sliding
+    window and a token-bucket request rate; a call over any is refused (it does not
+    count). Tokens per minute are not modelled."""
 
-    def __init__(self, concurrency: int | None, window: tuple[int, float] | None) -> None:
+    def __init__(
+        self,
+        concurrency: int | None,
+        window: tuple[int, float] | None,
+        rate: tuple[float, float] | None = None,  # (per second, burst)
+    ) -> None:
         self.concurrency = concurrency
         self.window = window
+        self.rate = rate
+        self.level = rate[1] if rate else 0.0
+        self.last: float | None = None
         self.in_flight = 0
         self.calls: deque[float] = deque()
+
+    def _rate_ok(self, now: float) -> bool:
+        if self.rate is None:
+            return True
+        per_s, burst = self.rate
+        if self.last is not None and now > self.last:
+            self.level = min(burst, self.level + (now - self.last) * per_s)
+        self.last = now if self.last is None else max(self.last, now)
+        # A little slack: the broker's bucket and this one add the same floats in a
+        # different order.
+        return self.level >= 1.0 - 1e-6
 
     def admit(self, now: float) -> bool:
         if self.concurrency is not None and self.in_flight >= self.concurrency:
@@ -32,22 +52,29 @@ class Provider:
                 self.calls.popleft()
             if len(self.calls) >= limit:
                 return False
+        if not self._rate_ok(now):
+            return False
+        if self.window is not None:
             self.calls.append(now)
+        if self.rate is not None:
+            self.level -= 1.0
         self.in_flight += 1
         return True
 
     @staticmethod
     def of(cfg: QuotaPoolConfig) -> Provider:
-        return Provider(
-            cfg.concurrency, (cfg.window.limit, cfg.window.seconds) if cfg.window else None
-        )
+        # Built through the broker's own pool: one reading of the limits, not two.
+        mgr = build_pool("api", cfg)
+        assert isinstance(mgr, QuotaManager)
+        return Provider.of_manager(mgr)
 
     @staticmethod
     def of_manager(mgr: QuotaManager) -> Provider:
         window = None
         if mgr.window_limit is not None and mgr.window_seconds is not None:
             window = (mgr.window_limit, mgr.window_seconds)
-        return Provider(mgr.concurrency, window)
+        rate = (mgr.rate.rate, mgr.rate.capacity) if mgr.rate is not None else None
+        return Provider(mgr.concurrency, window, rate)
 
     def done(self) -> None:
         self.in_flight -= 1
