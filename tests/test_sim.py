@@ -244,3 +244,20 @@ def test_provider_refuses_calls_over_its_rate() -> None:
     assert [p.admit(0.0), p.admit(0.0), p.admit(0.0)] == [True, True, False]
     assert p.admit(0.5) is False
     assert p.admit(1.0) is True
+
+
+def test_a_pod_that_fits_no_node_stays_pending_until_a_trajectory_ends() -> None:
+    # One 1-core node holds two pods by request (0.5 each); the third trajectory's pod
+    # is bound when the first trajectory ends (t = 5 s start-up + 2 s), then starts up.
+    text = "".join(
+        f'{{"kind": "trajectory", "id": "t{i}"}}\n'
+        f'{{"kind": "action", "trajectory": "t{i}", "gap": 0, "demands": {{"cpu": 1}}, '
+        f'"duration": {2 + i}}}\n'
+        for i in range(3)
+    )
+    pools = {"pools": {"cpu": {"kind": "cpu", "nodes": [{"cores": 1, "memory_gb": 8}]}}}
+    res, runner = simulate(parse_lines(text.splitlines()), pools, "k8s-pod")
+    # t0 and t1 share one core from t=5: both at half speed until t0 ends at 9, t1 then
+    # alone ends at 10. t2's pod binds at 9, is ready at 14, runs 4 s: ends at 18.
+    assert [r.ended for r in runner.runs] == [9.0, 10.0, 18.0]
+    assert res["pods_pending"] == 1

@@ -18,6 +18,8 @@ paper does not say is marked "assumed" and documented in docs/benchmarks.md.
 from __future__ import annotations
 
 import copy
+import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,9 @@ class PodExecutor:
         self.busy: list[float] = [0.0] * len(self.cores)
         self._runs: dict[int, ActionRun] = {}
         self._id = 0
-        self.unplaced = 0
+        self.pending: deque[int] = deque()  # trajectories whose pod fits no node yet
+        self.started_at: dict[int, float] = {}
+        self.unplaced = 0  # pods that had to wait Pending for a request to free
         self.runner: Runner | None = None
 
     def bind(self, runner: Runner) -> None:
@@ -85,22 +89,35 @@ class PodExecutor:
                     )
 
     def start_trajectory(self, traj: int, now: float) -> None:
-        # Kubernetes' default packing scores nodes by requested share; packing by request
-        # (MostAllocated) fills one node's requests before the next (paper: pods are
-        # packed by request, not by use).
-        best = None
-        for i, c in enumerate(self.cores):
-            if self.requested[i] + self.p.request <= c + 1e-9:
-                best = i
-                break
-        if best is None:  # over-committed even by request: the pod stays pending
-            self.unplaced += 1
-            best = int(np.argmin([r / c for r, c in zip(self.requested, self.cores, strict=True)]))
-        self.requested[best] += self.p.request
-        self.pod_node[traj] = best
-        self.pod_ready[traj] = now + self.p.startup_s
+        self.started_at[traj] = now
+        self.pending.append(traj)
+        self._place(now)
+
+    def _place(self, now: float) -> None:
+        """Bind pending pods, oldest first. Kubernetes places by request, never by use;
+        packing by request (MostAllocated scoring) fills one node's requests before the
+        next (paper: pods are packed by request). A pod that fits no node stays Pending
+        until a trajectory ends and frees its request."""
         assert self.runner is not None
-        self.runner.at(now + self.p.startup_s, self._pod_up, traj)
+        while self.pending:
+            traj = self.pending[0]
+            node = next(
+                (
+                    i
+                    for i, c in enumerate(self.cores)
+                    if self.requested[i] + self.p.request <= c + 1e-9
+                ),
+                None,
+            )
+            if node is None:
+                return
+            self.pending.popleft()
+            if now > self.started_at.pop(traj):
+                self.unplaced += 1
+            self.requested[node] += self.p.request
+            self.pod_node[traj] = node
+            self.pod_ready[traj] = now + self.p.startup_s
+            self.runner.at(now + self.p.startup_s, self._pod_up, traj)
 
     def _pod_up(self, traj: int) -> None:
         run = self.waiting.pop(traj, None)
@@ -112,9 +129,10 @@ class PodExecutor:
         node = self.pod_node.pop(traj)
         self.requested[node] -= self.p.request
         self.pod_ready.pop(traj, None)
+        self._place(now)
 
     def submit(self, run: ActionRun, now: float) -> None:
-        if self.pod_ready[run.traj] > now:
+        if self.pod_ready.get(run.traj, math.inf) > now:
             self.waiting[run.traj] = run  # the pod is still starting
         else:
             self._start(run, now)
@@ -204,7 +222,7 @@ class PodExecutor:
         pass
 
     def stuck_report(self) -> str:
-        return f"{len(self.waiting)} actions wait for their pods"
+        return f"{len(self.waiting)} actions wait for their pods, {len(self.pending)} pods Pending"
 
     def result(self, now: float) -> dict[str, Any]:
         for i in range(len(self.cores)):
