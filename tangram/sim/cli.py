@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tangram.config import ConfigError, load_config
 from tangram.sim import report
+from tangram.sim.baselines import NaiveApiParams, PodParams, StaticParams
 from tangram.sim.engine import SimulationStuck
 from tangram.sim.run import act_series, check_policy, simulate
 from tangram.sim.trace import TraceError, TrajectorySpec, read_trace, write_trace
@@ -367,7 +368,8 @@ def sweep(
 
 @bench_app.command("workloads")
 def workloads() -> None:
-    """List the workloads, their parameters and default pools."""
+    """List the workloads and baselines with their parameters (see tangram/sim/workloads.py
+    and baselines.py for the paper fact or assumption behind each)."""
     for name, params in (
         ("coding", CodingParams()),
         ("deepsearch", DeepSearchParams()),
@@ -376,3 +378,9 @@ def workloads() -> None:
         console.print(f"[bold]{name}[/bold]: {dataclasses.asdict(params)}")
         console.print(f"  pools: {list(WORKLOADS[name].pools['pools'])}")
     console.print("[bold]mixed[/bold]: mopd and deepsearch, half the batch each, one GPU pool")
+    for name, base in (
+        ("k8s-pod", PodParams()),
+        ("static", StaticParams()),
+        ("naive-api", NaiveApiParams()),
+    ):
+        console.print(f"[bold]baseline {name}[/bold]: {dataclasses.asdict(base)}")

@@ -129,7 +129,6 @@ class DeepSearchParams:
     search_median_s: float = 1.5  # API latencies (assumed)
     fetch_median_s: float = 3.0
     api_sigma: float = 0.6
-    tokens: int = 0  # no TPM limit on these APIs (assumed)
     # The LLM-judge reward on a GPU service (paper); time at one GPU assumed.
     judge_median_s: float = 6.0
     judge_sigma: float = 0.5
