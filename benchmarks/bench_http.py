@@ -104,7 +104,7 @@ async def clients(url: str, prefix: str, n: int, seconds: float, start_at: float
     body = json.dumps(BODY).encode()
     headers = {"content-type": "application/json"}
     release_body = b'{"outcome":"ok"}'
-    submit_path = f"{prefix}/actions"
+    submit_path = f"{prefix}/actions?wait=10"
     conns = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(n)]
     lat: list[float] = []
     cycles = 0
@@ -116,7 +116,7 @@ async def clients(url: str, prefix: str, n: int, seconds: float, start_at: float
             if t0 >= deadline:
                 return
             key = {**headers, "idempotency-key": uuid.uuid4().hex}
-            r = await c.post(submit_path, content=body, headers=key, params={"wait": "10"})
+            r = await c.post(submit_path, content=body, headers=key)
             t1 = time.perf_counter()
             data = r.json()
             if data["state"] != "granted":
@@ -151,13 +151,27 @@ def client_process(args: tuple[str, str, int, float, float]) -> dict[str, Any]:
         return asyncio.run(clients(*args))
 
 
-def measure(url: str, prefix: str, n: int, procs: int, seconds: float) -> dict[str, float]:
-    """Cycles/s and grant latency of ``n`` clients spread over ``procs`` processes."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    url: str, prefix: str, n: int, procs: int, seconds: float, pid: int
+) -> dict[str, float]:
+    """Cycles/s and grant latency of ``n`` clients spread over ``procs`` processes, and
+    the server's CPU time per cycle (steadier than cycles/s on a shared machine)."""
     per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
     start_at = time.time() + 1.0 + 0.02 * n  # every process connected by then
     jobs = [(url, prefix, k, seconds, start_at) for k in per if k]
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
+        cpu0 = cpu_seconds(pid)
         parts = pool.map(client_process, jobs)
+        cpu = cpu_seconds(pid) - cpu0  # includes connecting: a little over, for both
     lat = sorted(x for p in parts for x in p["latencies"])
     cycles = sum(p["cycles"] for p in parts)
     return {
@@ -166,6 +180,7 @@ def measure(url: str, prefix: str, n: int, procs: int, seconds: float) -> dict[s
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
         "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
         "cycles": cycles,
+        "server_cpu_us": 1e6 * cpu / cycles if cycles else float("nan"),
     }
 
 
@@ -200,11 +215,12 @@ def main() -> None:
     try:
         for r in range(a.rounds):
             for name in ("noop", "tangram"):
-                url = servers[name][1]
-                m = measure(url, prefix[name], a.clients, a.procs, a.seconds)
+                proc, url = servers[name]
+                m = measure(url, prefix[name], a.clients, a.procs, a.seconds, proc.pid)
                 print(
                     f"round {r + 1} {name:8s} {m['cycles_per_s']:8.0f} cycles/s  "
-                    f"p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms",
+                    f"p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
+                    f"server CPU {m['server_cpu_us']:5.0f} us/cycle",
                     file=sys.stderr,
                 )
                 if name not in best or m["cycles_per_s"] > best[name]["cycles_per_s"]:
@@ -216,11 +232,11 @@ def main() -> None:
     t, n = best["tangram"], best["noop"]
     ratio = t["cycles_per_s"] / n["cycles_per_s"]
     print()
-    print("| server | cycles/s | grant p50 | grant p99 |")
-    print("|---|---|---|---|")
+    print("| server | cycles/s | grant p50 | grant p99 | server CPU per cycle |")
+    print("|---|---|---|---|---|")
     for label, m in (("do-nothing FastAPI", n), ("tangram serve", t)):
-        cps, p50, p99 = m["cycles_per_s"], m["p50_ms"], m["p99_ms"]
-        print(f"| {label} | {cps:,.0f} | {p50:.2f} ms | {p99:.2f} ms |")
+        cps, p50, p99, us = m["cycles_per_s"], m["p50_ms"], m["p99_ms"], m["server_cpu_us"]
+        print(f"| {label} | {cps:,.0f} | {p50:.2f} ms | {p99:.2f} ms | {us:.0f} us |")
     print(f"ratio tangram / do-nothing: {ratio:.2f} (target >= {TARGET_RATIO})")
     print(f"lease cycles/s: {t['cycles_per_s']:,.0f} (target >= {TARGET_CYCLES:,.0f})")
     out = {
@@ -237,6 +253,9 @@ def main() -> None:
         "noop_p50_ms": round(n["p50_ms"], 3),
         "noop_p99_ms": round(n["p99_ms"], 3),
         "ratio": round(ratio, 3),
+        "lease_server_cpu_us_per_cycle": round(t["server_cpu_us"], 1),
+        "noop_server_cpu_us_per_cycle": round(n["server_cpu_us"], 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "target_cycles_per_s": TARGET_CYCLES,
         "target_ratio": TARGET_RATIO,
         "met_cycles": t["cycles_per_s"] >= TARGET_CYCLES,
