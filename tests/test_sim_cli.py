@@ -99,3 +99,16 @@ def test_every_command_has_help(cmd: str) -> None:
     res = runner.invoke(app, ["bench", cmd, "--help"])
     assert res.exit_code == 0
     assert "Usage" in res.output
+
+
+def test_an_action_the_pools_cannot_serve_is_named(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"kind": "trajectory", "id": "t0"}\n'
+        '{"kind": "action", "trajectory": "t0", "demands": {"tpu": 1}, "duration": 1}\n'
+    )
+    res = runner.invoke(
+        app, ["bench", "replay", str(trace), "-w", "coding", "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 2
+    assert "trajectory t0, action 1: unknown pool 'tpu'" in res.output

@@ -24,6 +24,7 @@ from tangram.sim.engine import SimulationStuck
 from tangram.sim.run import act_series, check_policy, simulate
 from tangram.sim.trace import TraceError, TrajectorySpec, read_trace, write_trace
 from tangram.sim.workloads import WORKLOADS, CodingParams, DeepSearchParams, MopdParams, generate
+from tangram.spec import TangramError
 
 bench_app = typer.Typer(
     help="Benchmarks: simulate the paper's workloads and baselines over the real scheduler.",
@@ -145,7 +146,7 @@ def run_policies(
 
             try:
                 res, runner = simulate(trajs, pools, pol, seed=seed, check=check, progress=tick)
-            except (ValueError, ConfigError, SimulationStuck) as exc:
+            except (ValueError, ConfigError, SimulationStuck, TangramError) as exc:
                 raise _fail(f"policy {pol}: {exc}") from None
             prog.update(task, completed=total)
             results[pol] = res

@@ -20,7 +20,7 @@ from tangram.core.policy import Policy
 from tangram.core.state import Core
 from tangram.sim.engine import ActionRun, Runner
 from tangram.sim.provider import Provider
-from tangram.spec import Action
+from tangram.spec import Action, InvalidAction
 
 # Leases never expire in the simulator: actions release when they finish, and a TTL that
 # ran out would be a simulator bug, not a scheduling decision worth measuring.
@@ -114,7 +114,12 @@ class CoreExecutor:
         )
 
     def submit(self, run: ActionRun, now: float) -> None:
-        action = self.core.submit(self.make_action(run), now)
+        try:
+            action = self.core.submit(self.make_action(run), now)
+        except InvalidAction as exc:
+            assert self.runner is not None
+            tid = self.runner.trajs[run.traj].id
+            raise InvalidAction(f"trajectory {tid}, action {run.index + 1}: {exc}") from None
         self._runs[action.id] = run
         self._dirty = True
 
