@@ -313,3 +313,19 @@ async def test_openapi_describes_every_endpoint(http):
     assert set(post["responses"]) == {"200", "202", "409", "422", "429"}
     assert "application/problem+json" in post["responses"]["422"]["content"]
     assert "securitySchemes" not in doc.get("components", {})  # no tenants here
+
+
+async def test_an_app_can_serve_a_broker_shared_with_another_door():
+    from tangram.broker import Broker
+
+    cfg = parse_config({"pools": POOLS})
+    broker = Broker.from_config(cfg)
+    app = create_app(cfg, broker=broker)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post("/v1/actions", json=api("shared"), params={"wait": 1})
+        assert r.json()["state"] == "granted"
+        assert broker.snapshot()["pools"]["api"]["in_use"] == 1  # the very same broker
+        await c.post(f"/v1/leases/{r.json()['lease']['id']}/release")
+    assert broker.snapshot()["pools"]["api"]["in_use"] == 0
+    await broker.close()

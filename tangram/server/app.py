@@ -54,10 +54,13 @@ Id = Annotated[str, Path(min_length=1, max_length=MAX_NAME)]
 class Service:
     """The state one app serves: the broker, the action records, the tenants."""
 
-    def __init__(self, cfg: Config, tenants: Mapping[str, Tenant]) -> None:
+    def __init__(
+        self, cfg: Config, tenants: Mapping[str, Tenant], broker: Broker | None = None
+    ) -> None:
         self.cfg = cfg
         self.settings = cfg.server
-        self.broker = Broker.from_config(cfg)
+        self.owns_broker = broker is None
+        self.broker = Broker.from_config(cfg) if broker is None else broker
         self.registry = Registry()
         self.tenants = dict(tenants)
         self._by_digest = {_digest(t.token): t for t in tenants.values()}
@@ -133,17 +136,21 @@ def create_app(
     cfg: Config,
     tenants: Mapping[str, Tenant] | None = None,
     *,
+    broker: Broker | None = None,
     on_stop: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app for ``cfg``; ``tenants`` defaults to the configuration's own. ``on_stop``
-    runs at shutdown (uvicorn re-raises SIGTERM after it, so code after ``run`` never
-    does)."""
-    svc = Service(cfg, cfg.tenants() if tenants is None else tenants)
+    """The app for ``cfg``; ``tenants`` defaults to the configuration's own. ``broker``
+    serves an existing broker (shared with another door, e.g. a Ray actor; it must run
+    on the server's event loop and is not closed at shutdown); by default the app builds
+    its own from ``cfg``. ``on_stop`` runs at shutdown (uvicorn re-raises SIGTERM after
+    it, so code after ``run`` never does)."""
+    svc = Service(cfg, cfg.tenants() if tenants is None else tenants, broker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await svc.broker.close()
+        if svc.owns_broker:
+            await svc.broker.close()
         if on_stop is not None:
             on_stop()
 
