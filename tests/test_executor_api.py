@@ -104,3 +104,17 @@ def test_import_tangram_does_not_import_ray():
     code = "import sys, tangram; tangram.action; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_live_command_object_registers_on_a_typer_app():
+    import typer
+    from typer.testing import CliRunner
+
+    from tangram.executors.live_cli import live_command
+
+    app = typer.Typer()
+    app.command("live")(live_command)
+    app.command("other")(lambda: None)  # two commands: invoked by name, like `bench live`
+    out = CliRunner().invoke(app, ["live", "--help"])
+    assert out.exit_code == 0
+    assert "--trajectories" in out.output and "--json" in out.output

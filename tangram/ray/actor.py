@@ -23,10 +23,13 @@ from tangram.broker import Broker
 from tangram.config import Config
 from tangram.core.managers.cpu import CpuManager
 from tangram.core.managers.gpu import GpuManager
-from tangram.spec import Action, Lease, TangramError
+from tangram.spec import Action, Allocation, Lease, TangramError
 
-# (action id, lease or None, error class name or None, error message or None)
-Delivery = tuple[str, Lease | None, str | None, str | None]
+# A grant as it travels: (lease id, fencing token, allocation, ttl, key pool). The client
+# rebuilds the Lease around its own Action, so the action is not sent back.
+LeaseWire = tuple[str, int, dict[str, Allocation], float, str | None]
+# (action id, grant or None, error class name or None, error message or None)
+Delivery = tuple[str, LeaseWire | None, str | None, str | None]
 # (lease id, error class name or None, message or None)
 Outcome = tuple[str, str | None, str | None]
 Reply = tuple[list[Delivery], list[Outcome], list[Outcome]]
@@ -148,7 +151,14 @@ class BrokerActor:
                 if client in self._gone:  # nobody will ever pick it up
                     self.broker.release(lease.id, "abandoned")
                     return
-                item = (action_id, lease, None, None)
+                wire = (
+                    lease.id,
+                    lease.fencing_token,
+                    lease.allocation,
+                    lease.ttl,
+                    lease.action.key,
+                )
+                item = (action_id, wire, None, None)
             self._inbox.setdefault(client, []).append(item)
             event = self._events.get(client)
             if event is not None:
@@ -161,10 +171,10 @@ class BrokerActor:
         self._gone.add(client)
         self._events.pop(client, None)
         n = 0
-        for _, lease, _, _ in self._inbox.pop(client, []):
-            if lease is not None:
+        for _, wire, _, _ in self._inbox.pop(client, []):
+            if wire is not None:
                 with contextlib.suppress(TangramError):
-                    self.broker.release(lease.id, "abandoned")
+                    self.broker.release(wire[0], "abandoned")
                 n += 1
         return n
 
@@ -205,25 +215,31 @@ class BrokerActor:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> int:
-        """Serve an ASGI app built around this actor's broker, on this actor's event
-        loop; return the port. ``app_factory`` is a callable taking the ``Broker``, or
-        ``"module:function"``; by default ``tangram.server.app:create_app``."""
+        """Serve an HTTP app on this actor's event loop over this actor's broker; return
+        the port. By default the project's lease API (``tangram.server``); otherwise
+        ``app_factory`` (a callable taking the ``Broker``, or ``"module:function"``)."""
         import uvicorn
 
         if self._http is not None:
             raise RuntimeError("this broker actor already serves HTTP")
-        factory = app_factory or "tangram.server.app:create_app"
-        if isinstance(factory, str):
-            mod, _, fn = factory.partition(":")
-            try:
-                factory = getattr(importlib.import_module(mod), fn)
-            except (ImportError, AttributeError) as exc:
-                raise RuntimeError(
-                    f"cannot load the HTTP app factory {mod}:{fn} ({exc}); pass app_factory"
-                ) from None
-        assert callable(factory)
-        app = factory(self.broker)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        if app_factory is None:
+            app = self._lease_api()
+        else:
+            factory = app_factory
+            if isinstance(factory, str):
+                mod, _, fn = factory.partition(":")
+                try:
+                    factory = getattr(importlib.import_module(mod), fn)
+                except (ImportError, AttributeError) as exc:
+                    raise RuntimeError(
+                        f"cannot load the HTTP app factory {mod}:{fn} ({exc})"
+                    ) from None
+            assert callable(factory)
+            app = factory(self.broker)
+        # No lifespan: the server's shutdown hook would close the broker, which outlives
+        # the HTTP door here (Ray clients keep using it).
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
         self._http = server
         self._http_task = asyncio.get_running_loop().create_task(server.serve())
         while not server.started:
@@ -234,6 +250,20 @@ class BrokerActor:
             await asyncio.sleep(0.01)
         sock = server.servers[0].sockets[0]
         return int(sock.getsockname()[1])
+
+    def _lease_api(self) -> Any:
+        """The project's HTTP lease API over this actor's broker.
+
+        ``create_app`` builds a broker of its own; its service is pointed at this one
+        before any request arrives (every endpoint goes through ``service.broker``).
+        A ``broker=`` argument to ``create_app`` would make this swap unnecessary."""
+        from tangram.server.app import create_app
+
+        app = create_app(self.config)
+        svc = app.state.service
+        svc.broker = self.broker
+        self.broker.subscribe(svc._on_event)
+        return app
 
     async def stop_http(self) -> None:
         if self._http is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import uuid
 from types import TracebackType
 from typing import Any
@@ -63,6 +64,16 @@ def _error(name: str | None, message: str | None) -> TangramError:
     return _ERRORS.get(name or "", TangramError)(message or name or "error")
 
 
+def _check_request(request: Any) -> None:
+    # Bad input fails here, before the action waits in the queue.
+    if not isinstance(request, (Command, ServiceCall, HttpCall)):
+        raise InvalidAction(
+            f"cannot run {type(request).__name__}: give a Command, ServiceCall or HttpCall"
+        )
+    if isinstance(request, (Command, HttpCall)):
+        request.check()
+
+
 def get_broker(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:
     """The running broker actor's handle (``ray.init`` must have been called)."""
     try:
@@ -91,6 +102,7 @@ class Client:
         self.id = f"c{uuid.uuid4().hex[:12]}"
         self._seq = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[Lease]] = {}
+        self._actions: dict[str, Action] = {}  # action id -> the action, while it waits
         self._releasing: dict[str, asyncio.Future[None]] = {}
         self._submits: list[Action] = []
         self._releases: list[tuple[str, str, dict[str, Any] | None]] = []
@@ -117,6 +129,7 @@ class Client:
             action.id = f"{self.id}-{next(self._seq)}"
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiting[action.id] = fut
+        self._actions[action.id] = action
         self._submits.append(action)
         self._kick()
         try:
@@ -124,6 +137,7 @@ class Client:
                 return await fut
             return await asyncio.wait_for(fut, timeout)
         except BaseException:
+            self._actions.pop(action.id, None)
             if self._waiting.pop(action.id, None) is not None:
                 self._cancels.append(action.id)
                 self._kick()
@@ -192,35 +206,37 @@ class Client:
             action, request = work.action(trajectory), work.request
         else:
             action = work
-        if not isinstance(request, (Command, ServiceCall, HttpCall)):
-            raise InvalidAction(
-                f"cannot run {type(request).__name__}: give a Command, ServiceCall or HttpCall"
-            )
-        if isinstance(request, Command):
-            request.check()  # bad input fails before it waits in the queue
-        elif isinstance(request, HttpCall):
-            request.check()
-        pools = await self.pools()
+        _check_request(request)
+        await self.pools()
         lease = await self.acquire(action, timeout)
         self.hold(lease)
-        usage: dict[str, Any] | None = None
         try:
-            if isinstance(request, Command):
-                result = await self._run_command(lease, request, pools)
-            elif isinstance(request, ServiceCall):
-                result = await self._run_service(lease, request, pools)
-            else:
-                if self._http is None:
-                    self._http = HttpCaller()
-                result = await self._http.call(request)
-                if result.tokens is not None:
-                    usage = {"tokens": result.tokens}
+            result, usage = await self._dispatch(lease, request)
         except BaseException:
             with contextlib.suppress(TangramError):
                 await self.release(lease.id, "error")
             raise
         await self.release(lease.id, "ok", usage)
         return result
+
+    async def run_on(self, lease: Lease, request: Any) -> Any:
+        """Run a request on the units of a lease you already hold (it stays held): for
+        callers that lease once and run several commands, like a per-trajectory
+        reservation. Token usage of an ``HttpCall`` is not reported this way."""
+        _check_request(request)
+        result, _ = await self._dispatch(lease, request)
+        return result
+
+    async def _dispatch(self, lease: Lease, request: Any) -> tuple[Any, dict[str, Any] | None]:
+        pools = await self.pools()
+        if isinstance(request, Command):
+            return await self._run_command(lease, request, pools), None
+        if isinstance(request, ServiceCall):
+            return await self._run_service(lease, request, pools), None
+        if self._http is None:
+            self._http = HttpCaller()
+        result = await self._http.call(request)
+        return result, ({"tokens": result.tokens} if result.tokens is not None else None)
 
     def _pool_of(self, lease: Lease, kind: str, pools: dict[str, dict[str, Any]]) -> str:
         key = lease.action.key
@@ -329,23 +345,29 @@ class Client:
                 if not fut.done():
                     fut.set_exception(TangramError(f"lost the broker: {exc}"))
             self._waiting.clear()
+            self._actions.clear()
         finally:
             self._polling = False
 
     def _handle(self, reply: Reply) -> None:
         grants, released, failed = reply
-        for action_id, lease, err, msg in grants:
+        for action_id, wire, err, msg in grants:
             fut = self._waiting.pop(action_id, None)
-            if lease is not None and (fut is None or fut.done()):
+            action = self._actions.pop(action_id, None)
+            if wire is not None and (fut is None or fut.done() or action is None):
                 # Its caller gave up (timeout, cancellation): give the grant back.
-                self._releases.append((lease.id, "abandoned", None))
-                self._releasing[lease.id] = asyncio.get_running_loop().create_future()
+                self._releases.append((wire[0], "abandoned", None))
+                self._releasing[wire[0]] = asyncio.get_running_loop().create_future()
                 self._kick()
                 continue
-            if fut is None or fut.done():
+            if fut is None or fut.done() or action is None:
                 continue
-            if lease is not None:
-                fut.set_result(lease)
+            if wire is not None:
+                lease_id, token, alloc, ttl, key = wire
+                action.key = key  # the broker may have inferred it
+                # Times on this process's monotonic clock (the broker's is not ours).
+                now = time.monotonic()
+                fut.set_result(Lease(lease_id, action, token, alloc, now, now + ttl, ttl))
             else:
                 fut.set_exception(_error(err, msg))
         for lease_id, err, msg in released:
@@ -364,6 +386,7 @@ class Client:
         submits, releases, _, _ = batch
         error = TangramError(f"the broker call failed: {exc}")
         for action in submits:
+            self._actions.pop(action.id, None)
             fut = self._waiting.pop(action.id, None)
             if fut is not None and not fut.done():
                 fut.set_exception(error)
