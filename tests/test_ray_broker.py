@@ -101,6 +101,24 @@ def test_actor_is_found_by_name(cluster: Any):
         tr.get_broker("other")
     with pytest.raises(ValueError, match="already runs"):
         tr.start_broker(CONFIG, detached=False)
+    with pytest.raises(ValueError, match="device_kind must be"):
+        tr.start_broker(CONFIG, name="other", device_kind="tpu", detached=False)
+    with pytest.raises(ValueError, match="invalid configuration"):
+        tr.start_broker({"pools": {}}, name="other", detached=False)
+    assert tr.stop_broker("other") is False
+
+
+def test_pool_nodes_must_map_to_ray_nodes():
+    from tangram.ray.executors import PlacementError, resolve_node
+
+    nodes = [{"NodeID": "aa"}, {"NodeID": "bb"}]
+    assert resolve_node("bb", None, nodes) == "bb"
+    assert resolve_node("n0", {"n0": "aa"}, nodes) == "aa"
+    assert resolve_node("n0", None, nodes[:1]) == "aa"  # one node: everything goes there
+    with pytest.raises(PlacementError, match="pass placement="):
+        resolve_node("n0", None, nodes)
+    with pytest.raises(PlacementError, match="not an alive Ray node"):
+        resolve_node("n0", {"n0": "cc"}, nodes)
 
 
 # ---------------------------------------------------------------- leases

@@ -96,6 +96,8 @@ def start_broker(
     Raises ``ValueError`` if a broker of that name already runs (use ``get_broker``).
     """
     cfg = _config(config)
+    if device_kind not in ("cpu", "cuda"):
+        raise ValueError(f"device_kind must be 'cpu' or 'cuda', got {device_kind!r}")
     ensure_ray(address)
     try:
         ray.get_actor(name, namespace=namespace)

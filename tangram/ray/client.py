@@ -81,7 +81,7 @@ def get_broker(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> 
     except ValueError:
         raise BrokerNotFound(
             f"no Tangram broker named {name!r} in Ray namespace {namespace!r}; start one "
-            "with tangram.ray.start_broker(config) or `tangram ray start`"
+            "with tangram.ray.start_broker(config)"
         ) from None
 
 
