@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from tangram.spec import Action, Lease
 
@@ -24,7 +25,7 @@ class Record:
     trajectory: str  # as the client wrote it (the broker's is namespaced by tenant)
     future: asyncio.Future[Lease]
     idem: tuple[str | None, str] | None = None
-    fingerprint: bytes = b""
+    body: Any = None  # the validated request, kept with an idempotency key for retries
     lease: Lease | None = None
     cancelled: bool = False
     ended: bool = False

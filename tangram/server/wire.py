@@ -47,12 +47,6 @@ def to_action(body: ActionIn, tenant: str | None) -> Action:
     )
 
 
-def fingerprint(body: ActionIn) -> bytes:
-    """What an idempotent retry must repeat: the action as validated (so key order and
-    number formatting do not matter)."""
-    return orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-
-
 def lease_json(lease: Lease, wall: float) -> dict[str, Any]:
     """``wall`` turns the broker's monotonic clock into Unix time for the client."""
     return {
