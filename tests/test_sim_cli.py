@@ -84,6 +84,7 @@ def test_replay_reports_the_bad_line(tmp_path: Path) -> None:
     [
         (["sim", "-w", "nope"], "unknown workload"),
         (["sim", "-p", "fastest"], "unknown policy"),
+        (["sim", "-p", "naive-api:hang=2"], "F in [0, 1]"),
         (["sweep", "--vary", "speed"], "batch or capacity"),
         (["sweep", "--vary", "capacity", "-w", "mopd", "--values", "12,6"], "power of two"),
     ],

@@ -39,7 +39,7 @@ PolicyOpt = Annotated[
         "--policy",
         "-p",
         help="repeatable: tangram[:depth=N,lookahead=N], min, fixed:K, k8s-pod, static[:K], "
-        "naive-api",
+        "naive-api[:hang=F]",
     ),
 ]
 ConfigOpt = Annotated[

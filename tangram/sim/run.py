@@ -2,7 +2,7 @@
 
 ``POLICIES`` lists what ``--policy`` accepts: the core's scheduling policies (``tangram``
 with its options, ``min``, ``fixed:K``) and the modelled baselines (``k8s-pod``,
-``static[:K]``, ``naive-api``).
+``static[:K]``, ``naive-api[:hang=F]``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,28 @@ from tangram.sim.trace import TrajectorySpec
 BASELINES = ("k8s-pod", "static", "naive-api")
 
 
+def naive_params(name: str) -> NaiveApiParams:
+    """``naive-api`` or ``naive-api:hang=F``: F, the share of refused calls that hang until
+    the timeout (the rest get a quick error), in [0, 1]."""
+    arg = name.partition(":")[2]
+    if not arg:
+        return NaiveApiParams()
+    key, _, val = arg.partition("=")
+    try:
+        share = float(val)
+    except ValueError:
+        share = -1.0
+    if key != "hang" or not 0.0 <= share <= 1.0:
+        raise ValueError(f"policy {name!r}: write naive-api or naive-api:hang=F with F in [0, 1]")
+    return NaiveApiParams(hang_share=share)
+
+
 def check_policy(name: str) -> None:
     """Raise ValueError for a policy name neither the core nor the baselines know."""
     base = name.partition(":")[0]
+    if base == "naive-api":
+        naive_params(name)
+        return
     if base == "static":
         arg = name.partition(":")[2]
         if arg and not (arg.isdigit() and int(arg) in (1, 2, 4, 8)):
@@ -43,7 +62,7 @@ def check_policy(name: str) -> None:
     try:
         parse_policy(name)
     except ValueError as exc:
-        raise ValueError(f"{exc}; baselines: k8s-pod, static[:K], naive-api") from None
+        raise ValueError(f"{exc}; baselines: k8s-pod, static[:K], naive-api[:hang=F]") from None
 
 
 def build_executor(
@@ -61,8 +80,8 @@ def build_executor(
         cfg, trajs = static_setup(config, trajs, StaticParams(gpus_per_service=k))
         built = parse_config(cfg)
         return CoreExecutor(built.build_pools(), parse_policy("min"), check=check), trajs
-    if policy == "naive-api":
-        return NaiveApiExecutor(config, "tangram", NaiveApiParams(), seed, check), trajs
+    if policy.startswith("naive-api"):
+        return NaiveApiExecutor(config, "tangram", naive_params(policy), seed, check), trajs
     built = parse_config(config)
     return CoreExecutor(built.build_pools(), parse_policy(policy), check=check), trajs
 
