@@ -188,8 +188,10 @@ async def test_dead_client_leases_expire(cluster: Any, client: tr.Client):
 
 
 async def test_heartbeats_keep_a_short_lease_alive(client: tr.Client):
-    async with client.lease(Action.build("hb", {"permits": 1}, ttl=0.6)):
-        await asyncio.sleep(1.5)  # longer than the TTL: only heartbeats keep it
+    async with client.lease(Action.build("hb", {"permits": 1}, ttl=30)):
+        await asyncio.sleep(0.05)  # the heartbeat task now sleeps 10 s
+        async with client.lease(Action.build("hb", {"permits": 1}, ttl=0.6)):
+            await asyncio.sleep(1.5)  # longer than the TTL: only heartbeats keep it
     lease = await client.acquire(Action.build("hb2", {"permits": 1}, ttl=0.3))
     await asyncio.sleep(0.6)  # not held by a context: nobody heartbeats it
     with pytest.raises(LeaseExpired):

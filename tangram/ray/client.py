@@ -113,7 +113,8 @@ class Client:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._polling = False
-        self._beating = False
+        self._beater: asyncio.Task[None] | None = None
+        self._beat_period = float("inf")  # what the sleeping heartbeat task planned for
         self._pools: dict[str, dict[str, Any]] | None = None
         self._executors: dict[tuple[str, str, str], Any] = {}
         self._http: HttpCaller | None = None
@@ -167,9 +168,13 @@ class Client:
     def hold(self, lease: Lease) -> None:
         """Keep ``lease`` alive with the batched heartbeats until it is released."""
         self._held[lease.id] = lease.ttl
-        if not self._beating:
-            self._beating = True
-            self._spawn(self._beat())
+        task = self._beater
+        if task is not None and not task.done() and lease.ttl / 3 < self._beat_period:
+            task.cancel()  # it sleeps longer than this lease's TTL allows
+            task = None
+        if task is None or task.done():
+            self._beat_period = lease.ttl / 3
+            self._beater = self._spawn(self._beat())
 
     # ------------------------------------------------------------------ other calls
     async def close_trajectory(self, trajectory: str) -> int:
@@ -311,10 +316,11 @@ class Client:
             self._spawn(self._pump())
         self._wake.set()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)
+        return task
 
     async def _pump(self) -> None:
         assert self._wake is not None
@@ -397,14 +403,12 @@ class Client:
                 rfut.exception()
 
     async def _beat(self) -> None:
-        try:
-            while self._held and not self._closed:
-                await asyncio.sleep(min(self._held.values()) / 3)
-                if self._held:
-                    self._beats.extend(self._held)
-                    self._kick()
-        finally:
-            self._beating = False
+        while self._held and not self._closed:
+            self._beat_period = min(self._held.values()) / 3
+            await asyncio.sleep(self._beat_period)
+            if self._held:
+                self._beats.extend(self._held)
+                self._kick()
 
     async def aclose(self) -> None:
         """Stop the pump; grants the broker holds for this client go back."""
