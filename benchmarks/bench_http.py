@@ -136,19 +136,77 @@ async def clients(url: str, prefix: str, n: int, seconds: float, start_at: float
         await c.get("/healthz" if prefix == "/v1" else "/docs")
     await asyncio.sleep(max(0.0, start_at - time.time()))
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     await asyncio.gather(*(one(c, t0 + seconds) for c in conns))
+    cpu = time.process_time() - cpu0
     for c in conns:
         await c.aclose()
-    return {"cycles": cycles, "seconds": seconds, "latencies": lat}
+    return {"cycles": cycles, "seconds": seconds, "latencies": lat, "cpu": cpu}
 
 
-def client_process(args: tuple[str, str, int, float, float]) -> dict[str, Any]:
+async def _answer(r: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await r.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return status, await r.readexactly(length)
+
+
+async def raw_clients(
+    url: str, prefix: str, n: int, seconds: float, start_at: float
+) -> dict[str, Any]:
+    """The same cycles over bare asyncio streams (HTTP/1.1 keep-alive, one connection per
+    client): what the servers sustain when the client costs next to nothing."""
+    host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+    body = json.dumps(BODY).encode()
+    release_body = b'{"outcome":"ok"}'
+    lat: list[float] = []
+    cycles = 0
+
+    def request(path: str, payload: bytes, extra: bytes = b"") -> bytes:
+        return (
+            b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+            b"%scontent-length: %d\r\n\r\n%s"
+        ) % (path.encode(), host.encode(), extra, len(payload), payload)
+
+    async def one(deadline: float) -> None:
+        nonlocal cycles
+        r, w = await asyncio.open_connection(host, int(port))
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        while (t0 := time.perf_counter()) < deadline:
+            key = b"idempotency-key: %s\r\n" % uuid.uuid4().hex.encode()
+            w.write(request(f"{prefix}/actions?wait=10", body, key))
+            status, data = await _answer(r)
+            t1 = time.perf_counter()
+            lease = json.loads(data)["lease"]["id"]
+            w.write(request(f"{prefix}/leases/{lease}/release", release_body))
+            status2, _ = await _answer(r)
+            if status != 200 or status2 != 200:
+                raise RuntimeError(f"cycle failed: {status} {status2}")
+            if t1 < deadline:
+                lat.append(t1 - t0)
+                cycles += 1
+        w.close()
+
+    wait = max(0.0, start_at - time.time())
+    deadline = time.perf_counter() + wait + seconds
+    cpu0 = time.process_time()
+    await asyncio.gather(*(one(deadline) for _ in range(n)))
+    cpu = time.process_time() - cpu0
+    return {"cycles": cycles, "seconds": seconds, "latencies": lat, "cpu": cpu}
+
+
+def client_process(args: tuple[str, str, str, int, float, float]) -> dict[str, Any]:
+    kind, *rest = args
+    run = raw_clients if kind == "raw" else clients
     try:
         import uvloop
 
-        return uvloop.run(clients(*args))
+        return uvloop.run(run(*rest))  # type: ignore[arg-type]
     except ImportError:
-        return asyncio.run(clients(*args))
+        return asyncio.run(run(*rest))  # type: ignore[arg-type]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,13 +219,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    url: str, prefix: str, n: int, procs: int, seconds: float, pid: int
+    kind: str, url: str, prefix: str, n: int, procs: int, seconds: float, pid: int
 ) -> dict[str, float]:
     """Cycles/s and grant latency of ``n`` clients spread over ``procs`` processes, and
     the server's CPU time per cycle (steadier than cycles/s on a shared machine)."""
     per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
     start_at = time.time() + 1.0 + 0.02 * n  # every process connected by then
-    jobs = [(url, prefix, k, seconds, start_at) for k in per if k]
+    jobs = [(kind, url, prefix, k, seconds, start_at) for k in per if k]
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         cpu0 = cpu_seconds(pid)
         parts = pool.map(client_process, jobs)
@@ -181,6 +239,7 @@ def measure(
         "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
         "cycles": cycles,
         "server_cpu_us": 1e6 * cpu / cycles if cycles else float("nan"),
+        "client_cpu_us": 1e6 * sum(p["cpu"] for p in parts) / cycles if cycles else float("nan"),
     }
 
 
@@ -190,6 +249,12 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=1, help="client processes (default 1)")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of one round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per server (best counts)")
+    ap.add_argument(
+        "--client",
+        choices=("httpx", "raw"),
+        default="httpx",
+        help="httpx.AsyncClient per client (default), or bare asyncio streams",
+    )
     ap.add_argument("--serve-noop", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_noop is not None:
@@ -207,7 +272,8 @@ def main() -> None:
     }
     prefix = {"tangram": "/v1", "noop": "/noop"}
     print(
-        f"{a.clients} clients in {a.procs} process(es), {a.rounds} rounds of {a.seconds:g} s "
+        f"{a.clients} {a.client} clients in {a.procs} process(es), {a.rounds} rounds of "
+        f"{a.seconds:g} s "
         f"each, {os.cpu_count()} CPUs",
         file=sys.stderr,
     )
@@ -216,11 +282,12 @@ def main() -> None:
         for r in range(a.rounds):
             for name in ("noop", "tangram"):
                 proc, url = servers[name]
-                m = measure(url, prefix[name], a.clients, a.procs, a.seconds, proc.pid)
+                m = measure(a.client, url, prefix[name], a.clients, a.procs, a.seconds, proc.pid)
                 print(
                     f"round {r + 1} {name:8s} {m['cycles_per_s']:8.0f} cycles/s  "
                     f"p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
-                    f"server CPU {m['server_cpu_us']:5.0f} us/cycle",
+                    f"CPU per cycle: server {m['server_cpu_us']:4.0f} us, "
+                    f"clients {m['client_cpu_us']:4.0f} us",
                     file=sys.stderr,
                 )
                 if name not in best or m["cycles_per_s"] > best[name]["cycles_per_s"]:
@@ -242,6 +309,7 @@ def main() -> None:
     out = {
         "bench": "http",
         "clients": a.clients,
+        "client": a.client,
         "procs": a.procs,
         "seconds": a.seconds,
         "rounds": a.rounds,
@@ -255,6 +323,8 @@ def main() -> None:
         "ratio": round(ratio, 3),
         "lease_server_cpu_us_per_cycle": round(t["server_cpu_us"], 1),
         "noop_server_cpu_us_per_cycle": round(n["server_cpu_us"], 1),
+        "lease_client_cpu_us_per_cycle": round(t["client_cpu_us"], 1),
+        "noop_client_cpu_us_per_cycle": round(n["client_cpu_us"], 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "target_cycles_per_s": TARGET_CYCLES,
         "target_ratio": TARGET_RATIO,
