@@ -22,7 +22,7 @@ import ray
 import tangram
 import tangram.ray as tr
 from tangram.executors import Command, HttpCall, ServiceCall, ServiceSpec
-from tangram.spec import Action, InvalidAction, LeaseExpired
+from tangram.spec import Action, ActionCancelled, InvalidAction, LeaseExpired
 
 CORES = sorted(os.sched_getaffinity(0))
 PY = sys.executable
@@ -155,6 +155,20 @@ async def test_timeout_leaves_the_queue_and_leaks_nothing(client: tr.Client):
         await client.release(lease.id)
     # A grant that raced with the cancel is given back as abandoned: nothing leaks.
     await until(client, lambda s: s["queued"] == 0 and s["pools"]["cpu"]["in_use"] == 0)
+
+
+async def test_closing_a_client_cancels_its_queued_actions(client: tr.Client):
+    holders = [await client.acquire(Action.build("full", {"permits": 1})) for _ in range(4)]
+    other = tr.Client()
+    waiting = asyncio.ensure_future(other.acquire(Action.build("w", {"permits": 1})))
+    await until(client, lambda s: s["queued"] == 1)
+    await other.aclose()
+    with pytest.raises(ActionCancelled):
+        await waiting
+    await until(client, lambda s: s["queued"] == 0)
+    for lease in holders:
+        await client.release(lease.id)
+    assert await in_use(client, "permits") == 0
 
 
 async def test_bad_actions_get_clear_errors(client: tr.Client):

@@ -414,16 +414,23 @@ class Client:
         """Stop the pump; grants the broker holds for this client go back."""
         if self._closed:
             return
-        if self._releases or self._submits:
-            self._kick()
-            await asyncio.sleep(0)
         self._closed = True
         if self._wake is not None:
             self._wake.set()
         for task in list(self._tasks):
-            task.cancel()
+            task.cancel()  # a call already sent still runs in the broker
+        # Queued actions leave the queue; releases not sent yet go out now, not at TTL.
+        cancels = self._cancels + list(self._waiting)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ActionCancelled("the client was closed"))
+        self._waiting.clear()
+        self._actions.clear()
         with contextlib.suppress(Exception):
+            if self._releases or cancels:
+                await self.broker.exchange.remote(self.id, [], self._releases, [], cancels, 0.0)
             await self.broker.goodbye.remote(self.id)
+        self._releases, self._cancels, self._submits = [], [], []
         if self._http is not None:
             await self._http.aclose()
 
