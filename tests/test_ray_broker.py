@@ -141,8 +141,11 @@ async def test_many_concurrent_actions_respect_the_cap(client: tr.Client):
             await asyncio.sleep(0.001)
             live -= 1
 
+    before = sum(client.calls.values())
     await asyncio.gather(*(one(i) for i in range(300)))
     assert peak == 4
+    # 600 submissions and releases; batched, far fewer Ray calls than that.
+    assert sum(client.calls.values()) - before < 300
     snap = await client.snapshot()
     assert snap["pools"]["permits"]["in_use"] == 0 and snap["queued"] == 0
 
@@ -181,6 +184,18 @@ async def test_bad_actions_get_clear_errors(client: tr.Client):
     with pytest.raises(ValueError, match="timeout must be a positive"):
         await client.run(cpu("t"), Command("true", timeout=-1))
     assert await in_use(client, "cpu") == 0
+
+
+def test_usable_from_a_plain_ray_task(cluster: Any):
+    @ray.remote(num_cpus=0)
+    def task() -> list[int]:
+        async def body() -> list[int]:
+            async with tr.Client() as c, c.lease(Action.build("t-task", {"cpu": 1})) as lease:
+                return list(lease.allocation["cpu"].units)
+
+        return asyncio.run(body())
+
+    assert set(ray.get(task.remote())) <= set(CORES)
 
 
 async def test_dead_client_leases_expire(cluster: Any, client: tr.Client):

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import time
 import uuid
+from collections import Counter
 from types import TracebackType
 from typing import Any
 
@@ -119,6 +120,8 @@ class Client:
         self._executors: dict[tuple[str, str, str], Any] = {}
         self._http: HttpCaller | None = None
         self._closed = False
+        # Ray calls made to the broker, by kind: what the batching saves is visible here.
+        self.calls: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ leases
     async def acquire(self, action: Action, timeout: float | None = None) -> Lease:
@@ -331,6 +334,7 @@ class Client:
                 batch = (self._submits, self._releases, self._beats, self._cancels)
                 self._submits, self._releases, self._beats, self._cancels = [], [], [], []
                 try:
+                    self.calls["exchange"] += 1
                     reply = await self.broker.exchange.remote(self.id, *batch, 0.0)
                 except Exception as exc:  # the broker is gone: fail what waited on it
                     self._fail_all(batch, exc)
@@ -344,6 +348,7 @@ class Client:
         # While actions wait, one call at a time sits in the broker until grants come.
         try:
             while self._waiting and not self._closed:
+                self.calls["poll"] += 1
                 reply = await self.broker.exchange.remote(self.id, [], [], [], [], POLL_WAIT)
                 self._handle(reply)
         except Exception as exc:
