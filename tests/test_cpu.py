@@ -270,3 +270,41 @@ def test_closed_trajectory_can_be_placed_afresh(make_core):
     core.submit(run("t1", 1), 2.0)
     (g2,) = core.schedule(2.0)
     assert alloc(g2)[0] == "b"  # no longer pinned to a
+
+
+def test_a_new_trajectory_waiting_for_memory_does_not_deadlock_the_pool(make_core):
+    # Both nodes' memory is reserved by pinned trajectories; a new one needs memory that
+    # only their closing can free. Their own later actions must still run.
+    core = make_core(cpu(node("a", cores=2, memory_gb=4), node("b", cores=2, memory_gb=4)))
+    for t in ("t1", "t2"):
+        core.submit(run(t, 1, memory_gb=4), 0.0)
+    for g in core.schedule(0.0):
+        core.release(g.lease.id, 1.0)
+    new = core.submit(run("t3", 1, memory_gb=4), 2.0)
+    later = core.submit(run("t1", 1), 2.0)  # pinned to its node, behind t3 in the queue
+    (g,) = core.schedule(2.0)
+    assert g.action.id == later.id
+    assert core.is_queued(new.id)
+    core.release(g.lease.id, 3.0)
+    core.close_trajectory("t1", 3.0)
+    (g,) = core.schedule(3.0)
+    assert g.action.id == new.id
+
+
+def test_a_new_trajectory_waiting_for_cores_blocks_the_nodes_that_could_host_it(make_core):
+    # Node a has the memory for t3 but no free core; node b lacks the memory. A pinned
+    # action on a may not take a's next free core ahead of t3; one on b runs.
+    core = make_core(cpu(node("a", cores=1, memory_gb=8), node("b", cores=2, memory_gb=4)))
+    core.submit(run("ta", 1, memory_gb=5), 0.0)  # only a has 5 GB
+    core.submit(run("tb", 1, memory_gb=4), 0.0)  # a has 3 GB left: b
+    held = {g.action.trajectory: g for g in core.schedule(0.0)}
+    assert alloc(held["ta"])[0] == "a" and alloc(held["tb"])[0] == "b"
+    new = core.submit(run("t3", 1, memory_gb=3), 1.0)  # fits a's memory, not b's
+    on_a = core.submit(run("ta", 1), 1.0)
+    on_b = core.submit(run("tb", 1), 1.0)
+    (g,) = core.schedule(1.0)
+    assert g.action.id == on_b.id
+    core.release(held["ta"].lease.id, 2.0)
+    (g,) = core.schedule(2.0)
+    assert g.action.id == new.id  # a's freed core went to t3, not to ta's later action
+    assert core.is_queued(on_a.id)

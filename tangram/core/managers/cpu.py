@@ -219,7 +219,7 @@ class CpuManager(Manager):
 class _CpuScratch(Scratch):
     """Free cores and memory per node for one round. Partitions are nodes."""
 
-    __slots__ = ("blocked_nodes", "free", "mem", "mgr", "pins", "pool_blocked", "takes")
+    __slots__ = ("blocked_nodes", "free", "mem", "mgr", "pins", "takes")
 
     def __init__(self, mgr: CpuManager) -> None:
         self.mgr = mgr
@@ -227,7 +227,6 @@ class _CpuScratch(Scratch):
         self.mem = {n.name: n.memory_free for n in mgr.nodes.values()}
         self.pins: dict[str, str] = {}
         self.blocked_nodes: set[str] = set()
-        self.pool_blocked = False
         self.takes: dict[str, tuple[str, int]] = {}
 
     def _node_of(self, action: Action) -> str | None:
@@ -261,22 +260,26 @@ class _CpuScratch(Scratch):
             self.mem[part] += action.memory_gb
 
     def blocked(self, action: Action) -> bool:
-        if self.pool_blocked:
-            return True
         node = self._node_of(action)
-        return node is not None and node in self.blocked_nodes
+        if node is None:  # a new trajectory may still go to any node not blocked
+            return len(self.blocked_nodes) == len(self.free)
+        return node in self.blocked_nodes
 
     def block(self, action: Action) -> None:
         node = self._node_of(action)
-        if node is None:
-            # A new trajectory waits for any node: nothing may overtake it in this pool.
-            self.pool_blocked = True
-        else:
+        if node is not None:
             self.blocked_nodes.add(node)
+            return
+        # A new trajectory waits for cores on the nodes that have the memory to host it:
+        # nothing may take those cores ahead of it. Nodes without that memory stay open,
+        # since only their trajectories ending can free it (blocking them too would
+        # deadlock the pool).
+        need = action.memory_gb
+        self.blocked_nodes.update(n for n, m in self.mem.items() if m >= need)
 
     @property
     def saturated(self) -> bool:
-        return self.pool_blocked or len(self.blocked_nodes) == len(self.free)
+        return len(self.blocked_nodes) == len(self.free)
 
     def partition_of(self, action: Action) -> Hashable | None:
         node = self._node_of(action)
