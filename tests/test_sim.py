@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tangram.sim.engine import SimulationStuck
+from tangram.sim.engine import Runner, SimulationStuck
 from tangram.sim.provider import Provider
 from tangram.sim.run import simulate
 from tangram.sim.trace import TraceError, dump_lines, parse_lines, read_trace, write_trace
@@ -200,11 +200,10 @@ def test_unknown_policy_is_refused() -> None:
         simulate(generate("coding", 2, 1, 0), WORKLOADS["coding"].pools, "fastest")
 
 
-def test_a_stuck_simulation_is_reported_not_truncated() -> None:
-    # 40 trajectories of 4 GB on 2 x 64 GB: 32 get pinned, the rest wait for memory. The
-    # core blocks the whole CPU pool behind a new trajectory that waits (FCFS), so the
-    # pinned trajectories' later actions wait too and no memory is ever freed. The
-    # simulator says so instead of reporting results of a truncated run.
+def test_trajectories_waiting_for_memory_do_not_deadlock_the_pool() -> None:
+    # 40 trajectories of 4 GB on 2 x 64 GB: 32 get pinned, the rest wait for memory that
+    # only the pinned ones' ending frees. Their later actions must still run (the core
+    # once blocked the whole pool behind the first waiter and no memory was ever freed).
     pools = {
         "pools": {
             "cpu": {
@@ -213,8 +212,34 @@ def test_a_stuck_simulation_is_reported_not_truncated() -> None:
             }
         }
     }
-    with pytest.raises(SimulationStuck, match="can never run"):
-        simulate(generate("coding", 40, 1, 1), pools, "tangram")
+    trajs = generate("coding", 40, 1, 1)
+    res, runner = simulate(trajs, pools, "tangram", check=True)
+    assert res["actions"] == sum(len(t.actions) for t in trajs)
+    assert len(runner.step_ends) == 1
+
+
+class _NeverGrants:
+    """An executor that accepts actions and never runs them."""
+
+    def bind(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def start_trajectory(self, traj: int, now: float) -> None: ...
+    def submit(self, run: Any, now: float) -> None: ...
+    def settle(self, now: float) -> None: ...
+    def end_trajectory(self, traj: int, now: float) -> None: ...
+
+    def result(self, now: float) -> dict[str, Any]:
+        return {}
+
+    def stuck_report(self) -> str:
+        return "nothing was ever granted"
+
+
+def test_a_stuck_simulation_is_reported_not_truncated() -> None:
+    runner = Runner(generate("coding", 2, 1, 0), _NeverGrants())
+    with pytest.raises(SimulationStuck, match=r"can never run.*nothing was ever granted"):
+        runner.run()
 
 
 def test_the_broker_never_exceeds_a_provider_limit_that_naive_clients_hit() -> None:
