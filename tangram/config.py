@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -309,4 +311,31 @@ def default_config() -> Config:
             },
         }
     }
+    gpus = detect_gpus()
+    if gpus is not None:
+        data["pools"]["gpu"] = {"kind": "gpu", "nodes": [{"name": "local", **gpus}]}
     return parse_config(data)
+
+
+def detect_gpus() -> dict[str, Any] | None:
+    """This machine's NVIDIA GPUs as a GPU node (``gpus``, ``memory_gb`` per GPU), from
+    ``nvidia-smi``; None when there are none or it cannot say. GPU pools hand out
+    power-of-two chunks, so a machine with 6 GPUs offers 4."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        mib = [float(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if not mib:
+        return None
+    count = 1 << (len(mib).bit_length() - 1)
+    return {"gpus": count, "memory_gb": round(min(mib) / 1024, 1)}

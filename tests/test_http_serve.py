@@ -97,3 +97,17 @@ def test_serve_refuses_a_bad_config_with_its_message(tmp_path: Path, text: str, 
     proc = start("--config", str(cfg), "--port", "0")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and message in err
+
+
+def test_default_config_has_a_gpu_pool_only_when_gpus_are_present(tmp_path: Path, monkeypatch):
+    from tangram.config import default_config
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi: no GPU pool
+    assert "gpu" not in default_config().pools
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '81559\\n81559\\n81559\\n'\n")
+    fake.chmod(0o755)
+    cfg = default_config()
+    node = cfg.pools["gpu"].nodes[0]  # type: ignore[union-attr]
+    assert (node.gpus, node.memory_gb) == (2, 79.6)  # 3 GPUs: chunks of a power of two
+    assert set(cfg.build_pools()) == {"cpu", "api", "gpu"}
