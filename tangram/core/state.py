@@ -610,7 +610,14 @@ class Core:
             if any(_elastic_on(m.entry.action, pool) for m in members):
                 self._arrange_group(pool, part, members, waiting, scratches[pool], now, deferred)
 
-    def _costs(self, mgr: Manager, adm: _Admitted, pool: str, fallback: float) -> Candidate:
+    def _costs(
+        self,
+        mgr: Manager,
+        adm: _Admitted,
+        pool: str,
+        fallback: float,
+        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]],
+    ) -> Candidate:
         entry, a = adm.entry, adm.entry.action
         if _elastic_on(a, pool):
             feas = entry.feasible[pool]
@@ -618,26 +625,42 @@ class Core:
                 entry.durations = a.durations(feas)
             costs = entry.durations
             if mgr.has_extra_cost:
-                costs = costs + [mgr.extra_cost(a, x) for x in feas]
+                key = (a.service, feas)
+                extra = extras.get(key)
+                if extra is None:
+                    extra = extras[key] = tuple(mgr.extra_cost(a, x) for x in feas)
+                costs = costs + extra
             return Candidate(feas, costs)
         amount = adm.amounts[pool]
         d = a.duration_at(amount) if a.key == pool else a.duration
         d = d if d is not None else fallback
         return Candidate((amount,), (d + mgr.extra_cost(a, amount),))
 
-    def _waiting(self, mgr: Manager, entry: _Entry, pool: str, fallback: float) -> Waiting:
-        """A waiting action as the estimate sees it: its first ``depth`` amounts and costs."""
+    def _waiting(
+        self,
+        mgr: Manager,
+        entry: _Entry,
+        pool: str,
+        fallback: float,
+        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]],
+    ) -> Waiting:
+        """A waiting action as the estimate sees it: its first ``depth`` amounts and costs.
+        ``extras`` caches the pool's extra costs per (service, amounts) for the round."""
         a = entry.action
         if entry.wait is not None and a.key == pool:
             if not mgr.has_extra_cost:
                 return entry.wait
-            feas, costs = entry.wait.amounts, list(entry.wait.costs)
+            feas, costs = entry.wait.amounts, entry.wait.costs
         else:
             feas = entry.feasible[pool][:1]
-            costs = [a.duration if a.duration is not None else fallback]
-        if mgr.has_extra_cost:
-            costs = [c + mgr.extra_cost(a, x) for c, x in zip(costs, feas, strict=True)]
-        return Waiting(feas, tuple(costs))
+            costs = (a.duration if a.duration is not None else fallback,)
+        if not mgr.has_extra_cost:
+            return Waiting(feas, costs)
+        key = (a.service, feas)
+        extra = extras.get(key)
+        if extra is None:
+            extra = extras[key] = tuple(mgr.extra_cost(a, x) for x in feas)
+        return Waiting(feas, tuple(c + e for c, e in zip(costs, extra, strict=True)))
 
     def _arrange_group(
         self,
@@ -652,7 +675,9 @@ class Core:
         mgr = self.pools[pool]
         known = [m.entry.action.duration for m in members if m.entry.action.duration is not None]
         fallback = sum(d for d in known if d is not None) / len(known) if known else 1.0
-        cands = [self._costs(mgr, m, pool, fallback) for m in members]
+        # The pool's extra costs (GPU restores) per (service, amounts), for this round.
+        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]] = {}
+        cands = [self._costs(mgr, m, pool, fallback, extras) for m in members]
         op = scratch.operator(part, {m.entry.action.id for m in members})
         n = len(members)
         # Exact for the full list and a few evictions; widened only if eviction goes on.
@@ -676,7 +701,7 @@ class Core:
                 break
             a = e.action
             if a.key == pool and scratch.partition_of(a) == part:
-                outside.append(self._waiting(mgr, e, pool, fallback))
+                outside.append(self._waiting(mgr, e, pool, fallback, extras))
         tail = [
             m.entry.wait
             if m.entry.wait is not None
