@@ -23,7 +23,9 @@ import asyncio
 import importlib.util
 import os
 import random
+import shutil
 import statistics
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -207,8 +209,9 @@ def live(
     name = f"tangram-live-{run_id}"
     pools = {"cpu": {"kind": "cpu", "nodes": [{"name": "local", "cores": w.cores, "memory_gb": 4}]}}
     results: dict[str, Any] = {}
+    root = tempfile.mkdtemp(prefix="tangram-live-")
     try:
-        tr.start_broker({"pools": pools}, name=name, detached=False)
+        tr.start_broker({"pools": pools}, name=name, detached=False, sandbox_root=root)
 
         async def both() -> None:
             client = tr.Client(name=name)
@@ -221,6 +224,7 @@ def live(
         asyncio.run(both())
     finally:
         tr.stop_broker(name)
+        shutil.rmtree(root, ignore_errors=True)
     t, r = results["tangram"], results["reservation"]
     return {
         "bench": "live",
