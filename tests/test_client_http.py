@@ -199,3 +199,20 @@ def test_sync_client_lease_and_error(url):
             raise ValueError("boom")
         assert client.get(lease2.action_id).state == "released"
         assert client.pools()["pools"]["api"]["in_use"] == 0
+
+
+async def test_a_proxys_html_502_is_retried_then_reported():
+    from tangram.client import HttpError
+
+    calls = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(502, text="<html>bad gateway</html>")
+
+    client = HttpClient("http://proxy", transport=httpx.MockTransport(answer), backoff=0.001)
+    async with client:
+        with pytest.raises(HttpError) as info:
+            await client.pools()
+    assert info.value.status == 502 and "bad gateway" in info.value.detail
+    assert len(calls) == 5  # the first try and 4 retries

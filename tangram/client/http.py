@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from tangram.client.errors import HttpError, TooManyQueued, raise_for
+from tangram.client.errors import HttpError, TooManyQueued, Unauthorized, raise_for
 from tangram.client.wire import RemoteLease, action_json
-from tangram.spec import Action, ActionCancelled, LeaseExpired, TangramError
+from tangram.spec import Action, ActionCancelled, InvalidAction, LeaseExpired, TangramError
 
 # Errors after which the request may not have been answered; all calls may be repeated.
 TRANSIENT: tuple[type[Exception], ...] = (httpx.TransportError,)
@@ -114,7 +114,7 @@ class HttpClient:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
-            data = r.json() if r.content else {}
+            data = _json(r)
             if r.status_code >= 400:
                 raise_for(r.status_code, data, _retry_after(r))
             return r.status_code, data
@@ -196,7 +196,9 @@ class HttpClient:
                     raise ActionCancelled(f"action {state.id} is {state.state}, not granted")
                 if deadline is not None and loop.time() >= deadline:
                     raise TimeoutError(f"action {state.id} was not granted in {timeout} s")
-        except (TangramError, TimeoutError, asyncio.CancelledError, httpx.TransportError):
+        except BaseException as exc:
+            if isinstance(exc, (InvalidAction, Unauthorized)):
+                raise  # refused: nothing was queued
             # The server may hold a queued action (or a grant) nobody will use.
             cleanup = loop.create_task(self._abandon(action, key, state))
             await _finish(cleanup)
@@ -228,6 +230,16 @@ async def _finish(task: asyncio.Task[None]) -> None:
     while not task.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
+
+
+def _json(r: httpx.Response) -> Any:
+    """The body as JSON; a proxy's HTML error page becomes a problem with its text."""
+    if not r.content:
+        return {}
+    try:
+        return r.json()
+    except ValueError:
+        return {"detail": r.text[:500]}
 
 
 def _retry_after(r: httpx.Response) -> float:
