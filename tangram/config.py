@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -135,10 +136,20 @@ class ServerConfig(_Strict):
                     raise ConfigError(f"{path}:{n}: tenant {name} is listed twice")
                 bound = int(fields[2]) if len(fields) == 3 else self.max_queued
                 out[name] = Tenant(name, token, max(1, bound))
+        for name in out:
+            # The server namespaces trajectories as TENANT/ID: a "/" would let two
+            # tenants' trajectories collide.
+            if not _TENANT_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"server: tenant name {name!r} must be letters, digits, '.', '_' or '-'"
+                )
         tokens = [t.token for t in out.values()]
         if len(set(tokens)) != len(tokens):
             raise ConfigError("server: two tenants share a token; each needs its own")
         return out
+
+
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)

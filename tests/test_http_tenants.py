@@ -148,6 +148,7 @@ def test_tokens_file_is_read_relative_to_the_config(tmp_path: Path):
         ("team-a aaaaaaaaaaaaaaaaaaaa\nteam-a bbbbbbbbbbbbbbbbbbbb\n", "listed twice"),
         ("team-a aaaaaaaaaaaaaaaaaaaa\nteam-b aaaaaaaaaaaaaaaaaaaa\n", "share a token"),
         ("team-a aaaaaaaaaaaaaaaaaaaa many\n", "TENANT TOKEN"),
+        ("team/a aaaaaaaaaaaaaaaaaaaa\n", "must be letters"),
     ],
 )
 def test_bad_tokens_files_are_refused_with_the_line(tmp_path: Path, text: str, message: str):
