@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 
 # Bounds that keep one request's work small: amounts past these never fit a real pool,
 # and ranges are expanded amount by amount when the pools narrow them.
-MAX_UNITS = 4096
+MAX_UNITS = 1024
 MAX_CHOICES = 256
 MAX_POOLS = 64
 MAX_NAME = 256
