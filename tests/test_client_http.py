@@ -58,8 +58,8 @@ async def test_lease_holds_the_units_for_the_body_and_releases_them(client):
 
 
 async def test_heartbeats_keep_a_lease_alive_past_its_ttl(client):
-    async with client.lease(api(ttl=0.3)) as lease:
-        await asyncio.sleep(1.0)
+    async with client.lease(api(ttl=0.6)) as lease:
+        await asyncio.sleep(1.5)
         state = await client.get(lease.action_id)
         assert state.state == "granted"
     assert (await client.get(lease.action_id)).state == "released"
@@ -191,8 +191,8 @@ async def test_wire_dicts_are_accepted_as_actions(client):
 
 def test_sync_client_lease_and_error(url):
     with SyncHttpClient(url, token=TOKEN) as client:
-        with client.lease(api(ttl=0.3)) as lease:
-            time.sleep(0.6)  # heartbeats run in the client's loop thread meanwhile
+        with client.lease(api(ttl=0.6)) as lease:
+            time.sleep(1.2)  # heartbeats run in the client's loop thread meanwhile
             assert client.get(lease.action_id).state == "granted"
         assert client.get(lease.action_id).state == "released"
         with pytest.raises(ValueError), client.lease(api()) as lease2:

@@ -85,7 +85,7 @@ async def test_long_poll_ends_by_grant_when_the_holder_releases(http):
     took = time.monotonic() - t0
     await task
     assert r.status_code == 200 and r.json()["state"] == "granted"
-    assert 0.15 < took < 2
+    assert 0.15 < took < 4  # generous: this machine is shared
     await release(http, r.json()["lease"]["id"])
 
 
@@ -93,7 +93,7 @@ async def test_long_poll_ends_by_timeout_and_the_action_stays_queued(http):
     first = await grant(http, api("to1"))
     t0 = time.monotonic()
     r = await http.post("/v1/actions", json=api("to2"), params={"wait": 0.3})
-    assert r.status_code == 202 and 0.25 < time.monotonic() - t0 < 2
+    assert r.status_code == 202 and 0.25 < time.monotonic() - t0 < 4
     aid = r.json()["id"]
     r = await http.get(f"/v1/actions/{aid}", params={"wait": 0.2})
     assert r.status_code == 200 and r.json()["state"] == "queued"
@@ -226,18 +226,21 @@ async def test_release_reports_token_usage(http):
 
 
 async def test_heartbeat_extends_and_expiry_returns_units(http):
-    data = await grant(http, api("hb", ttl=0.4))
+    data = await grant(http, api("hb", ttl=1.0))
     lid = data["lease"]["id"]
-    for _ in range(4):  # kept alive past its TTL by heartbeats
-        await asyncio.sleep(0.2)
+    for _ in range(6):  # kept alive past its TTL by heartbeats
+        await asyncio.sleep(0.25)
         r = await http.post(f"/v1/leases/{lid}/heartbeat")
         assert r.status_code == 200, r.text
     assert r.json()["expires_at"] > data["lease"]["expires_at"]
     r = await http.post(f"/v1/leases/{lid}/heartbeat", json={"ttl": 0.2})
     assert r.status_code == 200 and r.json()["ttl"] == 0.2
     # The client "crashes": no more heartbeats. The units come back by themselves.
-    await asyncio.sleep(0.5)
-    pools = (await http.get("/v1/pools")).json()
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        pools = (await http.get("/v1/pools")).json()
+        if pools["pools"]["api"]["in_use"] == 0:
+            break
     assert pools["pools"]["api"]["in_use"] == 0
     assert (await http.get(f"/v1/actions/{data['id']}")).json()["state"] == "expired"
     r = await http.post(f"/v1/leases/{lid}/heartbeat")
@@ -250,7 +253,7 @@ async def test_an_expired_lease_lets_a_waiter_in(http):
     data = await grant(http, api("crash", ttl=0.3))
     t0 = time.monotonic()
     r = await http.post("/v1/actions", json=api("next"), params={"wait": 5})
-    assert r.json()["state"] == "granted" and time.monotonic() - t0 < 2
+    assert r.json()["state"] == "granted" and time.monotonic() - t0 < 4
     assert r.json()["lease"]["fencing_token"] > data["lease"]["fencing_token"]
     await release(http, r.json()["lease"]["id"])
 
