@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from tangram.actions import Bound
 from tangram.executors.api import HttpCall, HttpCaller
@@ -280,8 +280,13 @@ class Client:
             return await getattr(handle, method).remote(*args)
         except RayActorError as exc:
             self._executors.pop((kind, pool, node), None)
+            what = (
+                "was unavailable (restarting) for"
+                if isinstance(exc, ActorUnavailableError)
+                else "died while running"
+            )
             raise ExecutorError(
-                f"the {kind} executor of node {node!r} (pool {pool!r}) died while running "
+                f"the {kind} executor of node {node!r} (pool {pool!r}) {what} "
                 f"action {lease.action.id!r} of trajectory {lease.action.trajectory!r}; "
                 f"lease {lease.id} is released and its units returned ({type(exc).__name__})"
             ) from exc
