@@ -132,6 +132,15 @@ class Metrics:
         reg.register(_PoolCollector(core, clock))
         core.observers.append(self)
 
+    @classmethod
+    def of(cls, core: Core, clock: Callable[[], float]) -> Metrics:
+        """The metrics of ``core``, made on first use: several doors onto one broker (the
+        HTTP server inside a Ray actor) share one registry, never count twice."""
+        for o in core.observers:
+            if isinstance(o, Metrics):
+                return o
+        return cls(core, clock)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from tangram.config import parse_config
-from tangram.core.state import Core
 from tangram.metrics import Metrics
+from tangram.server.app import create_app
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
@@ -76,7 +76,8 @@ def exported_names() -> set[str]:
             }
         }
     )
-    m = Metrics(Core(cfg.build_pools()), lambda: 0.0)
+    app = create_app(cfg)  # the server adds its request metrics to the same registry
+    m = Metrics.of(app.state.service.broker.core, lambda: 0.0)
     names = set()
     for line in m.exposition().decode().splitlines():
         if line.startswith("# TYPE"):

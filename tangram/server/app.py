@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from tangram.broker import Broker
 from tangram.config import Config, Tenant
-from tangram.server import openapi, parse, problems
+from tangram.server import observe, openapi, parse, problems
 from tangram.server.models import (
     MAX_NAME,
     ActionIn,
@@ -74,6 +74,7 @@ def create_app(
     )
     app.state.service = svc
     problems.install(app)
+    observe.install(app, svc.broker)
     auth = (401,) if svc.tenants else ()
 
     @app.post(
