@@ -252,18 +252,11 @@ class BrokerActor:
         return int(sock.getsockname()[1])
 
     def _lease_api(self) -> Any:
-        """The project's HTTP lease API over this actor's broker.
-
-        ``create_app`` builds a broker of its own; its service is pointed at this one
-        before any request arrives (every endpoint goes through ``service.broker``).
-        A ``broker=`` argument to ``create_app`` would make this swap unnecessary."""
+        """The project's HTTP lease API over this actor's broker (one broker state, one
+        metrics registry, whichever door a request uses)."""
         from tangram.server.app import create_app
 
-        app = create_app(self.config)
-        svc = app.state.service
-        svc.broker = self.broker
-        self.broker.subscribe(svc._on_event)
-        return app
+        return create_app(self.config, broker=self.broker)
 
     async def stop_http(self) -> None:
         if self._http is not None:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tangram.config import ConfigError, load_config
+from tangram.executors.live_cli import live_command
 from tangram.sim import report
 from tangram.sim.baselines import NaiveApiParams, PodParams, StaticParams
 from tangram.sim.engine import SimulationStuck
@@ -385,3 +386,8 @@ def workloads() -> None:
         ("naive-api", NaiveApiParams()),
     ):
         console.print(f"[bold]baseline {name}[/bold]: {dataclasses.asdict(base)}")
+
+
+# The live benchmark runs real sandbox actions on a local Ray cluster (tangram/ray/live.py);
+# its module imports Ray only when the command runs.
+bench_app.command("live")(live_command)
