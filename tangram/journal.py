@@ -67,6 +67,30 @@ class Journal:
         self._ends: set[str] = set()
         self.commits = 0
 
+    # ------------------------------------------------------------------ as an observer
+    # Attached to a core (``core.observers.append(journal)``) it records every lease
+    # event; the driver calls ``flush`` before it tells anyone about a grant.
+    def on_grant(self, lease: Lease, now: float) -> None:
+        self.grant(lease)
+
+    def on_end(self, lease: Lease, now: float) -> None:
+        self.end(lease.id)
+
+    def on_heartbeat(self, lease: Lease, now: float) -> None:
+        self.heartbeat(lease)
+
+    def on_submit(self, action: Action, now: float) -> None:
+        pass
+
+    def on_refuse(self, action: Action, reason: str) -> None:
+        pass
+
+    def on_cancel(self, action: Action, now: float) -> None:
+        pass
+
+    def on_round(self, seconds: float, candidates: int, deferred: int) -> None:
+        pass
+
     # ------------------------------------------------------------------ buffering
     def grant(self, lease: Lease) -> None:
         self._grants[lease.id] = lease

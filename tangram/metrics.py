@@ -187,6 +187,9 @@ class Metrics:
         # later, so held time = overhead + restore + execution, and the parts add up.
         self.act.labels(*labels).observe(now - a.submitted_at)
 
+    def on_heartbeat(self, lease: Lease, now: float) -> None:
+        pass
+
     def on_cancel(self, action: Action, now: float) -> None:
         self.cancelled.labels(action.task, action.tenant or "").inc()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,25 @@ def test_one_commit_per_flush_however_many_grants(tmp_path: Path) -> None:
     j.flush()
     assert j.commits == 1
     assert len(j.load().leases) == 50
+
+
+async def test_a_broker_acknowledges_a_lease_only_once_it_is_durable(tmp_path: Path) -> None:
+    from tangram.broker import Broker
+
+    cfg = parse_config({"pools": POOLS})
+    broker = Broker.from_config(cfg, data_dir=tmp_path)
+    lease = await broker.acquire(Action.build("t", {"cpu": 2}))
+    # Another reader (as a restarted process would be) already sees it.
+    assert [x.id for x in Journal(tmp_path / "journal.sqlite3").load().leases] == [lease.id]
+    held = await broker.acquire(Action.build("u", {"gpu": 1}, service="rm"))
+    broker.release(lease.id)
+    broker.heartbeat(held.id, ttl=500.0)
+    await asyncio.sleep(0)  # the round that makes the release and heartbeat durable
+    # The process "dies" here (no close). A new broker on the same directory:
+    again = Broker.from_config(cfg, data_dir=tmp_path)
+    assert [x.id for x in again.restored] == [held.id]
+    assert again.restored[0].expires_at == pytest.approx(again.clock() + 500.0, abs=1.0)
+    fresh = await again.acquire(Action.build("v", {"gpu": 1}, service="rm"))
+    assert fresh.fencing_token > held.fencing_token
+    assert fresh.allocation["gpu"].units != held.allocation["gpu"].units
+    assert again.release(held.id) is not None  # a restored lease releases like any other

@@ -44,6 +44,7 @@ class Observer(Protocol):
     def on_refuse(self, action: Action, reason: str) -> None: ...
     def on_grant(self, lease: Lease, now: float) -> None: ...
     def on_end(self, lease: Lease, now: float) -> None: ...  # released or expired
+    def on_heartbeat(self, lease: Lease, now: float) -> None: ...
     def on_cancel(self, action: Action, now: float) -> None: ...
     def on_round(self, seconds: float, candidates: int, deferred: int) -> None: ...
 
@@ -370,6 +371,8 @@ class Core:
         lease.ttl = ttl or lease.ttl
         lease.expires_at = now + lease.ttl
         heapq.heappush(self._expiry, (lease.expires_at, lease_id))
+        for o in self.observers:
+            o.on_heartbeat(lease, now)
         return lease.expires_at
 
     def expire(self, now: float) -> list[Expiry]:
