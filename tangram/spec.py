@@ -279,6 +279,7 @@ class Action:
     memory_gb: float = 0.0
     ttl: float | None = None
     tenant: str | None = None
+    idempotency_key: str | None = None  # the HTTP submit's key, kept with the lease
     id: str = ""
     # Filled in by the core.
     submitted_at: float = 0.0

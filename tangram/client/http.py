@@ -20,7 +20,14 @@ import httpx
 
 from tangram.client.errors import HttpError, TooManyQueued, Unauthorized, raise_for
 from tangram.client.wire import RemoteLease, action_json
-from tangram.spec import Action, ActionCancelled, InvalidAction, LeaseExpired, TangramError
+from tangram.spec import (
+    Action,
+    ActionCancelled,
+    InvalidAction,
+    LeaseExpired,
+    TangramError,
+    UnknownLease,
+)
 
 # Errors after which the request may not have been answered; all calls may be repeated.
 TRANSIENT: tuple[type[Exception], ...] = (httpx.TransportError,)
@@ -184,7 +191,14 @@ class HttpClient:
                     if state is None:
                         state = await self.submit(action, wait=wait, idempotency_key=key)
                     else:
-                        state = await self.get(state.id, wait=wait)
+                        try:
+                            state = await self.get(state.id, wait=wait)
+                        except UnknownLease:
+                            # The server restarted and its queue was lost (granted
+                            # leases survive, queued actions need not): submit again
+                            # under the same key, which never makes a second action.
+                            state = None
+                            continue
                 except TooManyQueued as exc:
                     if deadline is not None and loop.time() + exc.retry_after > deadline:
                         raise TimeoutError(f"server busy: {exc.detail}") from exc

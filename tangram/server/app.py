@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import pathlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -48,17 +50,22 @@ def create_app(
     tenants: Mapping[str, Tenant] | None = None,
     *,
     broker: Broker | None = None,
+    data_dir: pathlib.Path | None = None,
     on_stop: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app for ``cfg``; ``tenants`` defaults to the configuration's own. ``broker``
     serves an existing broker (shared with another door, e.g. a Ray actor; it must run
     on the server's event loop and is not closed at shutdown); by default the app builds
-    its own from ``cfg``. ``on_stop`` runs at shutdown (uvicorn re-raises SIGTERM after
-    it, so code after ``run`` never does)."""
-    svc = Service(cfg, cfg.tenants() if tenants is None else tenants, broker)
+    its own from ``cfg``, journalling its leases under ``data_dir`` when given (and
+    restoring those of a previous process). ``on_stop`` runs at shutdown (uvicorn
+    re-raises SIGTERM after it, so code after ``run`` never does)."""
+    svc = Service(cfg, cfg.tenants() if tenants is None else tenants, broker, data_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        for lease in svc.broker.restored:  # leases granted before a restart
+            svc.registry.adopt(lease, loop.create_future())
         yield
         if svc.owns_broker:
             await svc.broker.close()
@@ -102,7 +109,8 @@ def create_app(
             old = reg.by_key.get((tenant, idempotency_key))
             if old is not None:
                 # The validated bodies compare equal whatever the key order or spacing.
-                if old.body != body:
+                # (A lease restored after a restart kept its key but not its body.)
+                if old.body is not None and old.body != body:
                     raise Problem(
                         409,
                         f"Idempotency-Key {idempotency_key!r} was used for a different "
@@ -120,7 +128,7 @@ def create_app(
                 f"{bound}; retry after {after} s, or cancel queued actions",
                 headers={"Retry-After": str(after)},
             )
-        action = to_action(body, tenant)
+        action = to_action(body, tenant, idempotency_key)
         fut = svc.broker.submit_nowait(action)  # InvalidAction: 422, nothing queued
         key = (tenant, idempotency_key) if idempotency_key is not None else None
         rec = Record(action, tenant, body.trajectory, fut, key, body if key else None)

@@ -43,7 +43,8 @@ def serve(
         Path | None,
         typer.Option(
             "--data-dir",
-            help="directory for serve.json (address and pid of the running server)",
+            help="directory for the lease journal (leases survive a restart) and "
+            "serve.json (address and pid of the running server)",
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level")] = "warning",
@@ -80,7 +81,7 @@ def serve(
         if info is not None:
             info.unlink(missing_ok=True)
 
-    app = create_app(cfg, tenants, on_stop=forget)
+    app = create_app(cfg, tenants, data_dir=data_dir, on_stop=forget)
     who = f"{len(tenants)} tenants" if tenants else "no tenants (loopback only)"
     log.info(
         "tangram serve: lease API on %s for pools %s; policy %s, lease TTL %gs, %s; "

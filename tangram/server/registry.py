@@ -101,6 +101,22 @@ class Registry:
         self.settle(rec)
         return rec
 
+    def adopt(self, lease: Lease, future: asyncio.Future[Lease]) -> Record:
+        """A record for a lease restored from the journal after a restart, so its
+        holder can heartbeat and release it, and a retried submit with its idempotency
+        key gets it back."""
+        a = lease.action
+        prefix = f"{a.tenant}/" if a.tenant is not None else ""
+        traj = a.trajectory.removeprefix(prefix)
+        future.set_result(lease)
+        idem = (a.tenant, a.idempotency_key) if a.idempotency_key is not None else None
+        rec = Record(a, a.tenant, traj, future, idem, lease=lease)
+        self.actions[a.id] = rec
+        self.by_lease[lease.id] = rec
+        if idem is not None:  # a retried submit finds the lease it was granted
+            self.by_key[idem] = rec
+        return rec
+
     def by_lease_id(self, lease_id: str, tenant: str | None) -> Record | None:
         rec = self.by_lease.get(lease_id)
         if rec is None or rec.tenant != tenant:

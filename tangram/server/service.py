@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -24,12 +25,16 @@ class Service:
     """The state one app serves: the broker, the action records, the tenants."""
 
     def __init__(
-        self, cfg: Config, tenants: Mapping[str, Tenant], broker: Broker | None = None
+        self,
+        cfg: Config,
+        tenants: Mapping[str, Tenant],
+        broker: Broker | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.settings = cfg.server
         self.owns_broker = broker is None
-        self.broker = Broker.from_config(cfg) if broker is None else broker
+        self.broker = Broker.from_config(cfg, data_dir=data_dir) if broker is None else broker
         self.registry = Registry()
         self.tenants = dict(tenants)
         self._by_digest = {_digest(t.token): t for t in tenants.values()}

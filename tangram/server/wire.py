@@ -14,7 +14,7 @@ from tangram.spec import Action, Amdahl, Demand, Efficiency, Lease, parse_effici
 JSON = "application/json"
 
 
-def to_action(body: ActionIn, tenant: str | None) -> Action:
+def to_action(body: ActionIn, tenant: str | None, idempotency_key: str | None = None) -> Action:
     """The action the broker queues. With tenants, trajectory ids are namespaced by tenant
     so that one tenant's trajectories (pinned nodes, close) never touch another's."""
     demands: dict[str, Demand] = {}
@@ -44,6 +44,7 @@ def to_action(body: ActionIn, tenant: str | None) -> Action:
         memory_gb=body.memory_gb,
         ttl=body.ttl,
         tenant=tenant,
+        idempotency_key=idempotency_key,
     )
 
 
