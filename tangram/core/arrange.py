@@ -53,6 +53,8 @@ def solve(cands: Sequence[Candidate], op: Operator, cap: int | None = None) -> P
     slack is within the cap, because a layer's entry for e extra units depends only on
     the previous layer's entries for at most e."""
     if isinstance(op, CountOperator):
+        if sum(c.amounts[-1] for c in cands) <= op.free:
+            return _Uncontended(cands)
         if cap is not None and cap <= SCAN_MAX_CAP and len(cands) >= SCAN_MIN_CANDIDATES:
             return _ScanDP(cands, op.free, cap)
         return _CountDP(cands, op.free, cap)
@@ -63,6 +65,22 @@ def solve(cands: Sequence[Candidate], op: Operator, cap: int | None = None) -> P
 # small steps: the scan wins for many candidates sharing few spare units.
 SCAN_MAX_CAP = 16
 SCAN_MIN_CANDIDATES = 24
+
+
+class _Uncontended(PrefixDP):
+    """Every candidate can take its largest amount at once: nothing to share, so each
+    simply takes its own cheapest amount (an unbounded quota pool, a near-empty node)."""
+
+    def __init__(self, cands: Sequence[Candidate]) -> None:
+        self.cands = cands
+        self.picks = [int(np.argmin(np.asarray(c.costs, dtype=np.float64))) for c in cands]
+        self.prefix = np.cumsum([float(c.costs[t]) for c, t in zip(cands, self.picks, strict=True)])
+
+    def best(self, j: int) -> tuple[float, list[int]]:
+        if j == 0:
+            return 0.0, []
+        amounts = [c.amounts[t] for c, t in zip(self.cands[:j], self.picks[:j], strict=True)]
+        return float(self.prefix[j - 1]), amounts
 
 
 class _CountDP(PrefixDP):

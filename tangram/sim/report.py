@@ -9,13 +9,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: files only
-
-import matplotlib.pyplot as plt
 import numpy as np
 from rich.table import Table
+
+
+def _pyplot() -> Any:
+    """matplotlib, imported when a plot is drawn: it costs ``tangram`` start-up half a
+    second (``tangram serve`` too) otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 COLUMNS = [
     ("act_mean_s", "ACT"),
@@ -65,6 +72,7 @@ def plot_act_over_time(
     series: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, window: float | None = None
 ) -> None:
     """Windowed mean ACT over virtual time (actions binned by submission time)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     end = max((float(t.max()) for t, _ in series.values() if len(t)), default=1.0)
     w = window or max(end / 60.0, 1e-3)
@@ -93,6 +101,7 @@ def plot_act_split(results: dict[str, dict[str, Any]], path: Path) -> None:
     q = np.array([results[p]["queue_mean_s"] for p in pols])
     e = np.array([results[p]["exec_mean_s"] for p in pols])
     o = np.array([results[p]["overhead_mean_s"] for p in pols])
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(pols) + 2), 4.5))
     x = np.arange(len(pols))
     ax.bar(x, e, label="execution")
@@ -110,6 +119,7 @@ def plot_act_split(results: dict[str, dict[str, Any]], path: Path) -> None:
 def plot_sweep(
     values: list[float], curves: dict[str, list[float]], xlabel: str, path: Path
 ) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for pol, ys in curves.items():
         ax.plot(values, ys, marker="o", label=pol)
