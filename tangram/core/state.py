@@ -127,6 +127,10 @@ class Core:
         self._queued_pools: Counter[str] = Counter()
         self.leases: dict[str, Lease] = {}
         self.lease_of: dict[str, str] = {}  # action id -> id of its live lease
+        # pool -> lease id -> (node, amount, granted at, expected run time or None)
+        self._running: dict[str, dict[str, tuple[str | None, int, float, float | None]]] = {
+            p: {} for p in self.pools
+        }
         self.observers: list[Observer] = []  # told of every event (metrics, journals)
         # lease id -> (state, expires_at, ended_at) of the last ENDED_KEPT ended leases.
         # Plain tuples of atomic values: the garbage collector need not track them.
@@ -353,6 +357,7 @@ class Core:
         self.leases[lease.id] = lease
         self.lease_of[action.id] = lease.id
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        self._track(lease)
 
     def heartbeat(self, lease_id: str, now: float, ttl: float | None = None) -> float:
         """Extend an active lease's TTL from now; return the new expiry time."""
@@ -397,6 +402,8 @@ class Core:
             self.pools[pool].release(lease.action, alloc, now, usage)
         lease.ended_at = now
         self.lease_of.pop(lease.action.id, None)
+        for pool in lease.allocation:
+            self._running[pool].pop(lease.id, None)
         for o in self.observers:
             o.on_end(lease, now)
         ended = self.ended
@@ -590,6 +597,7 @@ class Core:
         self.leases[lease.id] = lease
         self.lease_of[action.id] = lease.id
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        self._track(lease)
         self.counts["granted"] += 1
         return lease
 
@@ -753,18 +761,21 @@ class Core:
 
     def _busy_until(self, pool: str, part: Hashable, now: float, fallback: float) -> list[float]:
         """Projected free times (relative to now) of the partition's busy units."""
-        mgr = self.pools[pool]
         out: list[float] = []
-        for lease in self.leases.values():
-            alloc = lease.allocation.get(pool)
-            if alloc is None or (part != "" and alloc.node != part):
+        for node, amount, start, run in self._running[pool].values():
+            if part != "" and node != part:
                 continue
-            a = lease.action
-            d = a.duration_at(alloc.amount) if a.key == pool else a.duration
-            d = (d if d is not None else fallback) + mgr.held_cost(a, alloc)
-            end = lease.granted_at + d - now
-            out.extend([max(end, 0.0)] * alloc.amount)
+            end = start + (run if run is not None else fallback) - now
+            out.extend([end if end > 0.0 else 0.0] * amount)
         return out
+
+    def _track(self, lease: Lease) -> None:
+        """Index a live lease per pool with its expected run time (for the estimate)."""
+        a = lease.action
+        for pool, alloc in lease.allocation.items():
+            d = a.duration_at(alloc.amount) if a.key == pool else a.duration
+            run = None if d is None else d + self.pools[pool].held_cost(a, alloc)
+            self._running[pool][lease.id] = (alloc.node, alloc.amount, lease.granted_at, run)
 
     # ------------------------------------------------------------------ observation
     def snapshot(self, now: float) -> dict[str, Any]:
