@@ -38,6 +38,7 @@ class Broker:
         clock: Callable[[], float] = time.monotonic,
         id_prefix: str = "",
         journal: Journal | None = None,
+        max_queued_per_pool: int | None = None,
     ) -> None:
         self.core = Core(
             pools,
@@ -46,6 +47,7 @@ class Broker:
             cost_clock=time.perf_counter,
             id_prefix=id_prefix,
             start=clock(),
+            max_queued_per_pool=max_queued_per_pool,
         )
         self.clock = clock
         self._waiters: dict[str, asyncio.Future[Lease]] = {}
@@ -70,7 +72,13 @@ class Broker:
         ones a previous process granted are restored."""
         if data_dir is not None:
             kw["journal"] = Journal(Path(data_dir) / JOURNAL_FILE)
-        return cls(cfg.build_pools(), cfg.build_policy(), lease_ttl=cfg.lease_ttl_seconds, **kw)
+        return cls(
+            cfg.build_pools(),
+            cfg.build_policy(),
+            lease_ttl=cfg.lease_ttl_seconds,
+            max_queued_per_pool=cfg.max_queued_per_pool,
+            **kw,
+        )
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(kind, obj)`` on grant, release, expire and cancel."""

@@ -162,6 +162,7 @@ class Tenant:
 class Config(_Strict):
     policy: str = "tangram"
     lease_ttl_seconds: float = Field(60.0, gt=0)
+    max_queued_per_pool: int = Field(100_000, ge=1)
     pools: dict[str, PoolConfig] = Field(..., min_length=1)
     server: ServerConfig = Field(default_factory=lambda: ServerConfig.model_validate({}))
     # Where the file was read from: ``server.tokens_file`` is relative to it.

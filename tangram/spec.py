@@ -28,6 +28,15 @@ class InvalidAction(TangramError):
         self.reason = reason
 
 
+class QueueFull(TangramError):
+    """A pool's queue is at its bound (``max_queued_per_pool``): try again later. Nothing
+    was queued."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnknownLease(TangramError):
     """No lease (and no action) with that id exists."""
 

@@ -30,6 +30,7 @@ from tangram.spec import (
     Lease,
     LeaseExpired,
     LeaseReleased,
+    QueueFull,
     UnknownLease,
 )
 
@@ -115,12 +116,15 @@ class Core:
         cost_clock: Callable[[], float] | None = None,
         id_prefix: str = "",
         start: float | None = None,
+        max_queued_per_pool: int | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         self.pools = dict(pools)
         self.policy = policy or Policy()
         self.lease_ttl = lease_ttl
+        # Beyond this many queued actions a pool refuses more (memory stays bounded).
+        self.max_queued_per_pool = max_queued_per_pool
         self._cost_clock = cost_clock
         self._prefix = id_prefix
         self._queue: dict[str, _Entry] = {}
@@ -211,6 +215,17 @@ class Core:
             feasible = self.validate(action)
             if action.id and (action.id in self._queue or action.id in self.lease_of):
                 raise InvalidAction(f"action id {action.id!r} is already in use", "duplicate_id")
+            bound = self.max_queued_per_pool
+            if bound is not None:
+                for p in action.demands:
+                    if self._queued_pools[p] >= bound:
+                        self.counts["refused"] += 1
+                        for o in self.observers:
+                            o.on_refuse(action, "queue_full")
+                        raise QueueFull(
+                            f"pool {p!r} already has {self._queued_pools[p]} queued actions, "
+                            f"its bound (max_queued_per_pool); try again shortly"
+                        )
         except InvalidAction as exc:
             self.counts["refused"] += 1
             for o in self.observers:

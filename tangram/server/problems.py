@@ -12,7 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from tangram.spec import InvalidAction, LeaseExpired, LeaseReleased, TangramError, UnknownLease
+from tangram.spec import (
+    InvalidAction,
+    LeaseExpired,
+    LeaseReleased,
+    QueueFull,
+    TangramError,
+    UnknownLease,
+)
 
 PROBLEM = "application/problem+json"
 TYPE_BASE = "https://tangram.dev/problems/"  # stable identifiers; documented in http-api.md
@@ -72,6 +79,9 @@ def from_tangram(exc: TangramError) -> Problem:
         return Problem(409, str(exc), kind="lease-released")
     if isinstance(exc, UnknownLease):
         return Problem(404, str(exc))
+    if isinstance(exc, QueueFull):
+        after = max(1, round(exc.retry_after))
+        return Problem(429, str(exc), headers={"Retry-After": str(after)})
     return Problem(409, str(exc))
 
 
