@@ -22,6 +22,7 @@ import ray
 import tangram
 import tangram.ray as tr
 from tangram.executors import Command, HttpCall, ServiceCall, ServiceSpec
+from tangram.executors.sandbox import isolation_problem
 from tangram.spec import Action, ActionCancelled, InvalidAction, LeaseExpired
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -65,7 +66,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=2, resources={"sandbox": 4}, include_dashboard=False)
     root = str(tmp_path_factory.mktemp("sandboxes"))
-    handle = tr.start_broker(CONFIG, detached=False, services=SERVICES, sandbox_root=root)
+    handle = tr.start_broker(
+        CONFIG,
+        detached=False,
+        services=SERVICES,
+        sandbox_root=root,
+        # Isolated wherever bubblewrap is there (tests/test_sandbox_isolation.py says
+        # loudly where it is not); the behaviour under test is the same either way.
+        sandbox_isolate=isolation_problem() is None,
+    )
     yield handle
     tr.stop_broker()
     ray.shutdown()
@@ -263,6 +272,29 @@ async def test_workdir_persists_and_closing_removes_it(client: tr.Client):
     await client.close_trajectory("t-dir")
     assert "t-dir" not in await executor.trajectories.remote()
     assert not Path(res.workdir).exists()
+
+
+async def test_a_stale_lease_holder_cannot_run_on_regranted_cores(client: tr.Client):
+    n = len(CORES)
+    # Acquired but never held: no heartbeats, so it expires like a stalled client's.
+    stale = await client.acquire(cpu("t-stale", n, n, ttl=0.5))
+    await until(client, lambda s: s["pools"]["cpu"]["in_use"] == 0)
+    fresh = await client.run(cpu("t-fresh", n, n), Command("echo fresh"))
+    assert fresh.ok and set(fresh.cores) == set(stale.allocation["cpu"].units)
+    with pytest.raises(
+        tr.StaleLease,
+        match=rf"fencing token {stale.fencing_token} is older than token \d+ .*lease {stale.id}",
+    ) as refused:
+        await client.run_on(stale, Command("echo stale > ran.txt"))
+    assert refused.value.token == stale.fencing_token
+    assert refused.value.newest > stale.fencing_token
+    executor = tr.find_executor("tangram", "tangram", "sandbox", "cpu", "local")
+    root = (await executor.info.remote())["root"]
+    assert not (Path(root) / "t-stale" / "ran.txt").exists()  # nothing ran
+    # The newer holder keeps running on those cores.
+    assert (await client.run(cpu("t-fresh", n, n), Command("echo again"))).ok
+    for t in ("t-stale", "t-fresh"):
+        await client.close_trajectory(t)
 
 
 async def test_killed_executor_fails_the_action_and_returns_units(client: tr.Client):

@@ -14,6 +14,7 @@ from ray.cluster_utils import Cluster
 
 import tangram.ray as tr
 from tangram.executors import Command
+from tangram.executors.sandbox import isolation_problem
 from tangram.spec import Action
 
 
@@ -25,7 +26,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     ray.init(address=c.address)
     pool = tr.cpu_pool_from_ray(resource="sandbox_node", memory_gb=4)
     root = str(tmp_path_factory.mktemp("sandboxes"))
-    tr.start_broker({"pools": {"cpu": pool}}, detached=False, sandbox_root=root)
+    tr.start_broker(
+        {"pools": {"cpu": pool}},
+        detached=False,
+        sandbox_root=root,
+        sandbox_isolate=isolation_problem() is None,
+    )
     yield [w.node_id for w in workers]
     tr.stop_broker()
     ray.shutdown()

@@ -7,22 +7,28 @@ wraps them in actors placed on the right nodes.
   process pinned to exactly the granted cores.
 - ``ServiceHost``: GPU services (models) kept in host memory, restored onto the granted
   devices, evicted when the broker says so.
+- ``Fence``/``StaleLease``: both refuse work whose fencing token is older than the newest
+  one seen for its units.
 - ``HttpCaller``: quota-governed HTTP calls with their token usage read back.
 """
 
 from tangram.executors.api import HttpCall, HttpCaller, HttpResult
-from tangram.executors.sandbox import Command, CommandResult, SandboxRunner
+from tangram.executors.fencing import Fence, StaleLease
+from tangram.executors.sandbox import Command, CommandResult, Limits, SandboxRunner
 from tangram.executors.service import ServiceCall, ServiceHost, ServiceResult, ServiceSpec
 
 __all__ = [
     "Command",
     "CommandResult",
+    "Fence",
     "HttpCall",
     "HttpCaller",
     "HttpResult",
+    "Limits",
     "SandboxRunner",
     "ServiceCall",
     "ServiceHost",
     "ServiceResult",
     "ServiceSpec",
+    "StaleLease",
 ]

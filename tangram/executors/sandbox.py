@@ -31,19 +31,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Runs in the child before the command: affinity, limits, die with the executor, exec.
+from tangram.executors.fencing import Fence
+
+# Runs in the child before the command, in two stages when isolated. Outside the
+# sandbox: CPU affinity and a parent-death signal, then ``exec`` bubblewrap, which builds
+# the namespaces and runs this script again inside. Inside (or directly, unisolated):
+# drop root for an unprivileged uid, enter a user namespace of its own (so the process
+# limit counts this sandbox's processes only), set the limits, ``exec`` the command.
 _LAUNCHER = """
 import ctypes, json, os, resource, signal, sys
 spec = json.loads(sys.argv[1])
-os.sched_setaffinity(0, spec["cores"])
-if spec["memory"] is not None:
-    resource.setrlimit(resource.RLIMIT_AS, (spec["memory"], spec["memory"]))
-if spec["procs"] is not None:
-    resource.setrlimit(resource.RLIMIT_NPROC, (spec["procs"], spec["procs"]))
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
+libc = ctypes.CDLL(None, use_errno=True)
+def die(msg):
+    sys.stderr.write("tangram sandbox: " + msg + "\\n")
+    os._exit(126)
+if spec.get("cores") is not None:
+    os.sched_setaffinity(0, spec["cores"])
+libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if spec.get("wrap"):
+    try:
+        os.execvp(spec["wrap"][0], spec["wrap"])
+    except OSError as exc:
+        die(f"cannot start {spec['wrap'][0]!r}: {exc}")
+if spec.get("isolate"):
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(spec["gid"])
+        os.setuid(spec["uid"])
+    libc.prctl(4, 1)  # PR_SET_DUMPABLE: setuid cleared it, uid_map needs it
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        die("cannot create a user namespace: " + os.strerror(ctypes.get_errno()))
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary regains root
+    libc.prctl(1, signal.SIGKILL)  # the uid change cleared the parent-death signal
+for key, res in (("memory", resource.RLIMIT_AS), ("procs", resource.RLIMIT_NPROC),
+                 ("fsize", resource.RLIMIT_FSIZE), ("core", resource.RLIMIT_CORE)):
+    if spec.get(key) is not None:
+        resource.setrlimit(res, (spec[key], spec[key]))
+# Python ignores these and ``exec`` keeps that; the command gets the usual defaults.
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 argv = spec["argv"]
 try:
     os.execvpe(argv[0], argv, os.environ)
@@ -67,16 +98,17 @@ class Command:
     ``command`` is a shell string (run by ``/bin/sh -c``) or an argv list. ``{dop}`` is
     replaced by the granted parallelism, ``{cores}`` by the granted core ids
     (comma-separated) and ``{python}`` by the executor's Python, in the string or in each
-    argv item. ``files`` are written (relative
-    to the working directory) before the command runs. ``memory_mb`` limits the child's
-    address space, ``max_procs`` the number of processes of its user (not enforced for
-    root, which the kernel exempts).
+    argv item. ``files`` are written (relative to the working directory) before the
+    command runs. ``memory_mb`` limits each process's address space, ``max_procs`` the
+    number of processes of the sandbox, ``max_file_mb`` the size of any file it writes;
+    left ``None``, the runner's defaults apply (``SandboxRunner.limits``).
     """
 
     command: str | Sequence[str]
     timeout: float = 600.0
     memory_mb: int | None = None
     max_procs: int | None = None
+    max_file_mb: int | None = None
     env: Mapping[str, str] | None = None
     files: Mapping[str, str] | None = None
     max_output: int = 1 << 20
@@ -91,7 +123,11 @@ class Command:
         t = self.timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise SandboxError(f"timeout must be a positive number of seconds, got {t!r}")
-        for name, v in (("memory_mb", self.memory_mb), ("max_procs", self.max_procs)):
+        for name, v in (
+            ("memory_mb", self.memory_mb),
+            ("max_procs", self.max_procs),
+            ("max_file_mb", self.max_file_mb),
+        ):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise SandboxError(f"{name} must be a positive whole number, got {v!r}")
         if self.max_output <= 0:
@@ -138,15 +174,79 @@ def fill(command: str | Sequence[str], dop: int, cores: Sequence[int]) -> str | 
     return [sub(a) for a in command]
 
 
-class SandboxRunner:
-    """Runs commands for trajectories under ``root`` on this machine's cores."""
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits a command gets when it sets none of its own."""
 
-    def __init__(self, root: str | Path, node: str = "") -> None:
-        self.root = Path(root)
+    memory_mb: int | None = 4096
+    max_procs: int | None = 256
+    max_file_mb: int | None = 1024
+
+
+# Read-only system paths an isolated command sees (besides Python's own prefixes).
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# From /etc only what programs need to start and resolve names: no secrets, no configs.
+ETC_PATHS = (
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/mime.types",
+)
+NOBODY = 65534
+
+
+def isolation_problem() -> str | None:
+    """Why commands cannot run isolated here, or None when they can."""
+    if shutil.which("bwrap") is None:
+        return (
+            "bubblewrap is not installed (apt-get install bubblewrap; .ci/run does it); "
+            "SandboxRunner(isolate=False) runs commands without isolation, which is not "
+            "safe for untrusted code"
+        )
+    return None
+
+
+class SandboxRunner:
+    """Runs commands for trajectories under ``root`` on this machine's cores.
+
+    Isolated (the default), a command runs under bubblewrap: new network, PID, IPC and
+    UTS namespaces, a root filesystem holding only read-only system paths, Python's
+    prefixes, ``ro_paths``, a private ``/tmp`` and its own working directory; as an
+    unprivileged user (``uid``/``gid`` when the executor runs as root) in a user
+    namespace of its own, under ``limits``. ``isolate=False`` runs it as the executor's
+    user on the host filesystem (trusted code only)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        node: str = "",
+        *,
+        isolate: bool = True,
+        limits: Limits | None = None,
+        uid: int = NOBODY,
+        gid: int = NOBODY,
+        ro_paths: Sequence[str] = (),
+    ) -> None:
+        if isolate and (problem := isolation_problem()) is not None:
+            raise SandboxError(f"cannot isolate sandbox commands: {problem}")
+        self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.node = node
+        self.isolate = isolate
+        self.limits = limits or Limits()
+        self.uid, self.gid = uid, gid
+        self.ro_paths = tuple(ro_paths)
         self.available = frozenset(os.sched_getaffinity(0))
         self.running: dict[int, str] = {}  # child pid -> trajectory, while it runs
+        self.fence = Fence()  # newest fencing token seen per core id
 
     def workdir(self, trajectory: str) -> Path:
         if not isinstance(trajectory, str) or not trajectory:
@@ -168,8 +268,15 @@ class SandboxRunner:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     async def run(
-        self, trajectory: str, cmd: Command, cores: Sequence[int], dop: int | None = None
+        self,
+        trajectory: str,
+        cmd: Command,
+        cores: Sequence[int],
+        dop: int | None = None,
+        token: int | None = None,
     ) -> CommandResult:
+        """Run ``cmd`` on exactly ``cores``. ``token`` is the lease's fencing token: a
+        token older than one already seen for any of the cores raises ``StaleLease``."""
         cmd.check()
         ids = tuple(int(c) for c in cores)
         if not ids:
@@ -180,22 +287,44 @@ class SandboxRunner:
                 f"cores {missing} do not exist on node {self.node or 'here'} (it has "
                 f"{sorted(self.available)}); the pool's core ids must match the machine"
             )
+        self.fence.admit(ids, token, f"node {self.node or 'here'}")
         dop = len(ids) if dop is None else dop
         work = self.workdir(trajectory)
+        owner = self.isolate and os.getuid() == 0
         work.mkdir(parents=True, exist_ok=True)
+        if owner:
+            os.chown(work, self.uid, self.gid)  # the sandbox's user writes here
         for rel, text in (cmd.files or {}).items():
             target = work / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
+            if owner:
+                for q in (target, *target.relative_to(work).parents):
+                    os.chown(work / q, self.uid, self.gid)
         filled = fill(cmd.command, dop, ids)
         argv = ["/bin/sh", "-c", filled] if isinstance(filled, str) else list(filled)
-        spec = {
-            "cores": list(ids),
-            "memory": cmd.memory_mb * 2**20 if cmd.memory_mb else None,
-            "procs": cmd.max_procs,
+        lim = self.limits
+        memory = cmd.memory_mb or lim.memory_mb
+        fsize = cmd.max_file_mb or lim.max_file_mb
+        inner: dict[str, Any] = {
+            "isolate": self.isolate,
+            "uid": self.uid,
+            "gid": self.gid,
+            "memory": memory * 2**20 if memory else None,
+            "procs": cmd.max_procs or lim.max_procs,
+            "fsize": fsize * 2**20 if fsize else None,
+            "core": 0,  # no core dumps filling the working directory
             "argv": argv,
         }
-        env = dict(os.environ)
+        if self.isolate:
+            launch = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(inner)]
+            spec: dict[str, Any] = {"cores": list(ids), "wrap": self._bwrap(work) + launch}
+            # The host's environment can hold secrets (tokens, keys): pass only the basics.
+            env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+            env.update({"HOME": str(work), "TMPDIR": "/tmp"})
+        else:
+            spec = {**inner, "cores": list(ids)}
+            env = dict(os.environ)
         env.update(
             {
                 "TANGRAM_DOP": str(dop),
@@ -252,10 +381,56 @@ class SandboxRunner:
             pid=proc.pid,
         )
 
+    def _bwrap(self, work: Path) -> list[str]:
+        """The bubblewrap command line that gives a command ``work`` and nothing else."""
+        args = [
+            "bwrap",
+            "--unshare-net",  # only a loopback of its own: no broker, no internet
+            "--unshare-pid",  # sees only its own processes; all die with the sandbox
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--die-with-parent",
+            "--hostname",
+            "sandbox",
+        ]
+        if os.getuid() != 0:
+            args.append("--unshare-user")  # bubblewrap needs one to run unprivileged
+        python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+        python.add(str(Path(sys.executable).resolve().parent.parent))
+        seen: set[str] = set()
+        made: set[str] = {"/", "/tmp"}
+        for path in (*SYSTEM_PATHS, *sorted(python), *self.ro_paths, *ETC_PATHS):
+            if path in seen or not os.path.lexists(path):
+                continue
+            seen.add(path)
+            if os.path.islink(path) and path in SYSTEM_PATHS:
+                args += ["--symlink", os.readlink(path), path]  # merged /usr: /bin -> usr/bin
+            else:
+                args += [*_parents(path, made), "--ro-bind", path, path]
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+        # The working directory at its real path (results name it), its parents only as
+        # empty directories: the other trajectories' directories are not there at all.
+        args += _parents(str(work), made)
+        args += ["--bind", str(work), str(work), "--chdir", str(work)]
+        return args
+
     def kill_all(self) -> None:
         """Kill every running child (the executor is going away)."""
         for pid in list(self.running):
             _kill_group(pid)
+
+
+def _parents(path: str, made: set[str]) -> list[str]:
+    """bubblewrap options creating the parents of ``path`` traversable by the sandbox's
+    user: those it makes on its own are private to root (``/root`` above a pyenv)."""
+    out = []
+    for parent in reversed(Path(path).parents):
+        p = str(parent)
+        if p not in made:
+            made.add(p)
+            out += ["--perms", "0755", "--dir", p]
+    return out
 
 
 def _kill_group(pid: int) -> None:

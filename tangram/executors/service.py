@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from tangram.executors.fencing import Fence
+
 _EVICTED = re.compile(r"^(?P<svc>.+)/tp(?P<k>\d+)@(?P<node>.*):(?P<start>\d+)$")
 
 
@@ -91,6 +93,7 @@ class ServiceHost:
         self.load_seconds: dict[str, float] = {}
         # (service, chunk size, first unit) -> the state on that chunk's device
         self.resident: dict[tuple[str, int, int], Any] = {}
+        self.fence = Fence()  # newest fencing token seen per GPU index
 
     def register(self, spec: ServiceSpec) -> float:
         """Build the service's host copy now; return how long loading took."""
@@ -130,11 +133,19 @@ class ServiceHost:
         return time.perf_counter() - t0
 
     async def run(
-        self, service: str, units: Sequence[int], evicts: Sequence[str], payload: Any
+        self,
+        service: str,
+        units: Sequence[int],
+        evicts: Sequence[str],
+        payload: Any,
+        token: int | None = None,
     ) -> ServiceResult:
+        """Serve one call on the granted GPUs. ``token`` is the lease's fencing token: a
+        token older than one already seen for any of the GPUs raises ``StaleLease``."""
         spec = self._spec(service)
         if not units:
             raise ServiceError("no GPUs granted: a service call needs at least one unit")
+        self.fence.admit(units, token, f"GPU node {self.node or 'here'}")
         evicted = self.evict(evicts)
         key = (service, len(units), units[0])
         # Restore whenever the state is not here, whatever the broker believed: after an

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from tangram.config import Config, load_config, parse_config
+from tangram.executors.fencing import StaleLease
 from tangram.executors.service import ServiceSpec
 from tangram.ray.actor import BrokerActor
 from tangram.ray.client import (
@@ -37,6 +38,7 @@ __all__ = [
     "BrokerNotFound",
     "Client",
     "ExecutorError",
+    "StaleLease",
     "cpu_pool_from_ray",
     "executor_name",
     "find_executor",
@@ -83,6 +85,7 @@ def start_broker(
     services: Iterable[ServiceSpec] = (),
     placement: Mapping[str, str] | None = None,
     sandbox_root: str | None = None,
+    sandbox_isolate: bool = True,
     device_kind: str = "cpu",
     address: str | None = None,
 ) -> Any:
@@ -93,6 +96,8 @@ def start_broker(
     a restarted broker starts empty, so clients holding leases get ``UnknownLease`` and
     acquire again. ``services`` are the GPU services the service executors load;
     ``placement`` maps pool node names to Ray node ids where they differ.
+    ``sandbox_isolate=False`` runs sandbox commands without isolation (trusted code
+    only; see docs/reliability.md).
     Raises ``ValueError`` if a broker of that name already runs (use ``get_broker``).
     """
     cfg = _config(config)
@@ -130,6 +135,7 @@ def start_broker(
             services=services,
             placement=placement,
             sandbox_root=sandbox_root,
+            sandbox_isolate=sandbox_isolate,
             device_kind=device_kind,
             detached=detached,
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,11 @@ class BrokerActor:
         self.name = name
         self.namespace = namespace
         self.broker = Broker.from_config(config)
+        # A restarted actor starts empty, with no journal: without this its fencing
+        # counter would start again at 1, below tokens the executors have already seen,
+        # and they would refuse every new lease as stale. Starting from the wall clock in
+        # microseconds keeps tokens above those of any earlier life of this actor.
+        self.broker.core.resume(time.time_ns() // 1000, 0)
         self._inbox: dict[str, list[Delivery]] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._gone: set[str] = set()  # clients that said goodbye: grants go back

@@ -24,10 +24,11 @@ from types import TracebackType
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from tangram.actions import Bound
 from tangram.executors.api import HttpCall, HttpCaller
+from tangram.executors.fencing import StaleLease
 from tangram.executors.sandbox import Command
 from tangram.executors.service import ServiceCall
 from tangram.ray.actor import Reply
@@ -278,6 +279,17 @@ class Client:
         handle = self._executor(kind, pool, node)
         try:
             return await getattr(handle, method).remote(*args)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, StaleLease):
+                # The executor refused a lease that expired and whose units went to a
+                # newer one: say so plainly, not as a remote traceback.
+                raise StaleLease(
+                    f"{cause} (lease {lease.id}, action {lease.action.id!r})",
+                    cause.token,
+                    cause.newest,
+                ) from None
+            raise
         except RayActorError as exc:
             self._executors.pop((kind, pool, node), None)
             what = (
@@ -298,7 +310,15 @@ class Client:
         alloc = lease.allocation[pool]
         dop = alloc.amount if lease.action.key in (pool, None) else lease.dop
         return await self._call(
-            lease, "sandbox", pool, "run", lease.action.trajectory, cmd, alloc.units, dop
+            lease,
+            "sandbox",
+            pool,
+            "run",
+            lease.action.trajectory,
+            cmd,
+            alloc.units,
+            dop,
+            lease.fencing_token,
         )
 
     async def _run_service(
@@ -310,7 +330,15 @@ class Client:
         pool = self._pool_of(lease, "gpu", pools)
         alloc = lease.allocation[pool]
         result = await self._call(
-            lease, "service", pool, "run", service, alloc.units, alloc.evicts, call.payload
+            lease,
+            "service",
+            pool,
+            "run",
+            service,
+            alloc.units,
+            alloc.evicts,
+            call.payload,
+            lease.fencing_token,
         )
         if result.restored:
             # The measured copy time corrects the pool's restore cost (fire and forget).

@@ -28,13 +28,18 @@ class PlacementError(ValueError):
 class SandboxActor:
     """A ``SandboxRunner`` on one node (wrapped with ``ray.remote`` when started)."""
 
-    def __init__(self, root: str, node: str) -> None:
-        self.runner = SandboxRunner(root, node)
+    def __init__(self, root: str, node: str, isolate: bool = True) -> None:
+        self.runner = SandboxRunner(root, node, isolate=isolate)
 
     async def run(
-        self, trajectory: str, cmd: Command, cores: Sequence[int], dop: int
+        self,
+        trajectory: str,
+        cmd: Command,
+        cores: Sequence[int],
+        dop: int,
+        token: int | None = None,
     ) -> CommandResult:
-        result = await self.runner.run(trajectory, cmd, cores, dop)
+        result = await self.runner.run(trajectory, cmd, cores, dop, token)
         result.extra["ray_node"] = ray.get_runtime_context().get_node_id()
         result.extra["executor_pid"] = os.getpid()
         return result
@@ -52,6 +57,7 @@ class SandboxActor:
             "pid": os.getpid(),
             "root": str(self.runner.root),
             "running": len(self.runner.running),
+            "isolated": self.runner.isolate,
         }
 
 
@@ -64,9 +70,14 @@ class ServiceActor:
             self.host.register(spec)
 
     async def run(
-        self, service: str, units: Sequence[int], evicts: Sequence[str], payload: Any
+        self,
+        service: str,
+        units: Sequence[int],
+        evicts: Sequence[str],
+        payload: Any,
+        token: int | None = None,
     ) -> ServiceResult:
-        return await self.host.run(service, units, evicts, payload)
+        return await self.host.run(service, units, evicts, payload, token)
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -126,6 +137,7 @@ def start_executors(
     services: Iterable[ServiceSpec] = (),
     placement: Mapping[str, str] | None = None,
     sandbox_root: str | None = None,
+    sandbox_isolate: bool = True,
     device_kind: str = "cpu",
     max_restarts: int = 3,
     detached: bool = True,
@@ -148,7 +160,11 @@ def start_executors(
                     max_restarts,
                     detached,
                 )
-                started.append(cls.options(**opts).remote(os.path.join(root, pool, node), node))
+                started.append(
+                    cls.options(**opts).remote(
+                        os.path.join(root, pool, node), node, sandbox_isolate
+                    )
+                )
         elif isinstance(pc, GpuPoolConfig):
             mgr = config.build_pools()[pool]
             for node, gnode in mgr.nodes.items():  # type: ignore[attr-defined]

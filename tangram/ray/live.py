@@ -35,7 +35,7 @@ from typing import Any
 import ray
 
 import tangram.ray as tr
-from tangram.executors.sandbox import Command
+from tangram.executors.sandbox import Command, isolation_problem
 from tangram.spec import Action, Lease
 
 SUITE_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "sandbox_suite"
@@ -211,7 +211,15 @@ def live(
     results: dict[str, Any] = {}
     root = tempfile.mkdtemp(prefix="tangram-live-")
     try:
-        tr.start_broker({"pools": pools}, name=name, detached=False, sandbox_root=root)
+        # Only the project's own commands run here: isolated where bubblewrap is there
+        # (so the timings include its cost), plain where it is not.
+        tr.start_broker(
+            {"pools": pools},
+            name=name,
+            detached=False,
+            sandbox_root=root,
+            sandbox_isolate=isolation_problem() is None,
+        )
 
         async def both() -> None:
             client = tr.Client(name=name)
