@@ -181,3 +181,14 @@ async def test_pytest_suite_runs_with_dop_workers(runner: SandboxRunner):
     assert res.ok, res.stdout + res.stderr
     assert "14 passed" in res.stdout
     assert (Path(res.workdir) / "xdist_workers.txt").read_text() == str(len(CORES))
+
+
+def test_a_runner_that_cannot_isolate_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap to be found
+    isolation_problem.cache_clear()
+    try:
+        with pytest.raises(SandboxError, match=r"bubblewrap is not installed.*isolate=False"):
+            SandboxRunner(tmp_path / "r")
+        assert SandboxRunner(tmp_path / "r", isolate=False).isolate is False
+    finally:
+        isolation_problem.cache_clear()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tangram.executors.sandbox import Command, SandboxRunner, isolation_problem
+from tangram.executors.sandbox import Command, SandboxError, SandboxRunner, isolation_problem
 
 CORES = sorted(os.sched_getaffinity(0))
 PY = sys.executable
@@ -169,6 +169,40 @@ async def test_another_trajectorys_files_are_out_of_reach(runner: SandboxRunner)
     # The trajectory's own directory is still its own, and the runner still serves.
     again = await runner.run("traj-a", Command("cat secret.txt"), CORES[:1])
     assert again.stdout == "TRAJ-A-SECRET\n"
+    await still_serves(runner)
+
+
+async def test_planted_symlinks_do_not_make_the_executor_write_outside(
+    runner: SandboxRunner, tmp_path: Path
+):
+    # The executor writes a command's ``files`` itself, as root here: links the code
+    # left in its directory must not send those writes elsewhere on the host.
+    outside = tmp_path / "host-file"
+    outside.write_text("HOST")
+    (tmp_path / "host-dir").mkdir()
+    plant = Command(f"ln -s {outside} f.txt; ln -s {tmp_path / 'host-dir'} d", timeout=20)
+    assert (await runner.run("links", plant, CORES[:1])).ok
+    with pytest.raises(SandboxError, match="symbolic link"):
+        await runner.run("links", Command("true", files={"f.txt": "PWNED"}), CORES[:1])
+    with pytest.raises(SandboxError, match="symbolic link"):
+        await runner.run("links", Command("true", files={"d/x.txt": "PWNED"}), CORES[:1])
+    assert outside.read_text() == "HOST" and list((tmp_path / "host-dir").iterdir()) == []
+    ok = await runner.run("links", Command("cat new/n.txt", files={"new/n.txt": "x"}), CORES[:1])
+    assert ok.stdout == "x"
+    await still_serves(runner)
+
+
+async def test_a_new_session_does_not_escape_the_timeout_kill(runner: SandboxRunner):
+    # setsid leaves the process group the runner kills; the PID namespace still ends.
+    marker = f"31.{os.getpid()}"
+    res = await runner.run(
+        "sess", Command(f"setsid sleep {marker} & sleep 30", timeout=1.0), CORES[:1]
+    )
+    assert res.timed_out
+    deadline = time.monotonic() + 5
+    while _host_processes_with(marker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _host_processes_with(marker) == []
     await still_serves(runner)
 
 

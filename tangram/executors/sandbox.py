@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,14 +206,39 @@ ETC_PATHS = (
 NOBODY = 65534
 
 
+@functools.cache
 def isolation_problem() -> str | None:
-    """Why commands cannot run isolated here, or None when they can."""
+    """Why commands cannot run isolated here, or None when they can: bubblewrap must be
+    installed and able to build the sandbox (it is tried once, with ``true``)."""
+    advice = (
+        "SandboxRunner(isolate=False) runs commands without isolation, which is not "
+        "safe for untrusted code"
+    )
     if shutil.which("bwrap") is None:
         return (
-            "bubblewrap is not installed (apt-get install bubblewrap; .ci/run does it); "
-            "SandboxRunner(isolate=False) runs commands without isolation, which is not "
-            "safe for untrusted code"
+            f"bubblewrap is not installed (apt-get install bubblewrap; .ci/run does it); {advice}"
         )
+    with tempfile.TemporaryDirectory(prefix="tangram-probe-") as tmp:
+        work = Path(tmp).resolve() / "w"
+        work.mkdir()
+        if os.getuid() == 0:
+            os.chown(work, NOBODY, NOBODY)
+        inner = {"isolate": True, "uid": NOBODY, "gid": NOBODY, "argv": ["true"]}
+        launch = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(inner)]
+        spec = {"wrap": [*_bwrap_args(work, ()), *launch]}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"bubblewrap did not start a sandbox: {exc}; {advice}"
+    if done.returncode != 0:
+        why = done.stderr.strip() or f"exit code {done.returncode}"
+        return f"bubblewrap cannot build a sandbox here ({why}); {advice}"
     return None
 
 
@@ -295,12 +323,7 @@ class SandboxRunner:
         if owner:
             os.chown(work, self.uid, self.gid)  # the sandbox's user writes here
         for rel, text in (cmd.files or {}).items():
-            target = work / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-            if owner:
-                for q in (target, *target.relative_to(work).parents):
-                    os.chown(work / q, self.uid, self.gid)
+            _write_inside(work, rel, text, (self.uid, self.gid) if owner else None)
         filled = fill(cmd.command, dop, ids)
         argv = ["/bin/sh", "-c", filled] if isinstance(filled, str) else list(filled)
         lim = self.limits
@@ -318,7 +341,10 @@ class SandboxRunner:
         }
         if self.isolate:
             launch = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(inner)]
-            spec: dict[str, Any] = {"cores": list(ids), "wrap": self._bwrap(work) + launch}
+            spec: dict[str, Any] = {
+                "cores": list(ids),
+                "wrap": _bwrap_args(work, self.ro_paths) + launch,
+            }
             # The host's environment can hold secrets (tokens, keys): pass only the basics.
             env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
             env.update({"HOME": str(work), "TMPDIR": "/tmp"})
@@ -381,44 +407,84 @@ class SandboxRunner:
             pid=proc.pid,
         )
 
-    def _bwrap(self, work: Path) -> list[str]:
-        """The bubblewrap command line that gives a command ``work`` and nothing else."""
-        args = [
-            "bwrap",
-            "--unshare-net",  # only a loopback of its own: no broker, no internet
-            "--unshare-pid",  # sees only its own processes; all die with the sandbox
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--die-with-parent",
-            "--hostname",
-            "sandbox",
-        ]
-        if os.getuid() != 0:
-            args.append("--unshare-user")  # bubblewrap needs one to run unprivileged
-        python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-        python.add(str(Path(sys.executable).resolve().parent.parent))
-        seen: set[str] = set()
-        made: set[str] = {"/", "/tmp"}
-        for path in (*SYSTEM_PATHS, *sorted(python), *self.ro_paths, *ETC_PATHS):
-            if path in seen or not os.path.lexists(path):
-                continue
-            seen.add(path)
-            if os.path.islink(path) and path in SYSTEM_PATHS:
-                args += ["--symlink", os.readlink(path), path]  # merged /usr: /bin -> usr/bin
-            else:
-                args += [*_parents(path, made), "--ro-bind", path, path]
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
-        # The working directory at its real path (results name it), its parents only as
-        # empty directories: the other trajectories' directories are not there at all.
-        args += _parents(str(work), made)
-        args += ["--bind", str(work), str(work), "--chdir", str(work)]
-        return args
-
     def kill_all(self) -> None:
         """Kill every running child (the executor is going away)."""
         for pid in list(self.running):
             _kill_group(pid)
+
+
+def _bwrap_args(work: Path, ro_paths: Sequence[str]) -> list[str]:
+    """The bubblewrap command line that gives a command ``work`` and nothing else."""
+    args = [
+        "bwrap",
+        "--unshare-net",  # only a loopback of its own: no broker, no internet
+        "--unshare-pid",  # sees only its own processes; all die with the sandbox
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--hostname",
+        "sandbox",
+    ]
+    if os.getuid() != 0:
+        args.append("--unshare-user")  # bubblewrap needs one to run unprivileged
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    python.add(str(Path(sys.executable).resolve().parent.parent))
+    seen: set[str] = set()
+    made: set[str] = {"/", "/tmp"}
+    for path in (*SYSTEM_PATHS, *sorted(python), *ro_paths, *ETC_PATHS):
+        if path in seen or not os.path.lexists(path):
+            continue
+        seen.add(path)
+        if os.path.islink(path) and path in SYSTEM_PATHS:
+            args += ["--symlink", os.readlink(path), path]  # merged /usr: /bin -> usr/bin
+        else:
+            args += [*_parents(path, made), "--ro-bind", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+    # The working directory at its real path (results name it), its parents only as
+    # empty directories: the other trajectories' directories are not there at all.
+    args += _parents(str(work), made)
+    args += ["--bind", str(work), str(work), "--chdir", str(work)]
+    return args
+
+
+def _write_inside(work: Path, rel: str, text: str, owner: tuple[int, int] | None) -> None:
+    """Write ``work/rel`` without following symbolic links: earlier sandboxed code may
+    have planted one (``notes -> /etc``), and the executor writing through it, perhaps
+    as root, would write outside the sandbox. Directory by directory with ``openat``
+    semantics, so a link swapped in meanwhile is not followed either."""
+    *dirs, name = Path(rel).parts
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in dirs:
+            made = False
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+                made = True
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                raise SandboxError(
+                    f"cannot write {rel!r}: {part!r} is a symbolic link or not a directory"
+                ) from exc
+            os.close(fd)
+            fd = sub
+            if made and owner is not None:
+                os.fchown(fd, *owner)
+        try:
+            out = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd
+            )
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot write {rel!r}: it is a symbolic link or not a regular file"
+            ) from exc
+        with os.fdopen(out, "w") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            f.write(text)
+    finally:
+        os.close(fd)
 
 
 def _parents(path: str, made: set[str]) -> list[str]:
