@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck serve bench clean
+.PHONY: venv test test-image lint typecheck serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+# Builds the Dockerfile with podman (from a debootstrap Debian base, no registry) and runs
+# the image: /healthz and one lease from the host. Needs root; slow from a cold cache.
+test-image:
+	deploy/image/test-image.sh
 
 serve: $(STAMP)
 	$(BIN)/tangram serve $(ARGS)
