@@ -410,6 +410,34 @@ async def test_http_app_served_from_the_actor_shares_its_broker(client: tr.Clien
         await broker.stop_http.remote()
 
 
+async def test_sandboxed_code_cannot_reach_the_brokers_port(client: tr.Client):
+    if (problem := isolation_problem()) is not None:
+        pytest.skip(f"SANDBOX ISOLATION NOT TESTED: {problem}")
+    import httpx
+
+    broker = tr.get_broker()
+    port = await broker.serve_http.remote(_app_factory)
+    code = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc)\n"
+        "    raise SystemExit(7)\n"
+    )
+    try:
+        res = await client.run(cpu("t-esc"), Command([PY, "-c", code]))
+        assert res.exit_code == 7, res.stdout + res.stderr
+        # The broker keeps serving, over HTTP and to the Ray client.
+        async with httpx.AsyncClient() as h:
+            snap = (await h.get(f"http://127.0.0.1:{port}/snapshot")).json()
+        assert snap["pools"]["cpu"]["in_use"] == 0
+        assert (await client.run(cpu("t-esc"), Command("echo ok"))).stdout == "ok\n"
+    finally:
+        await broker.stop_http.remote()
+        await client.close_trajectory("t-esc")
+
+
 async def test_the_lease_api_and_the_ray_client_share_one_broker(client: tr.Client):
     import httpx
 
