@@ -14,7 +14,7 @@ FROM ${BASE} AS build
 WORKDIR /src
 # The dependencies first, in a layer of their own that is rebuilt only when
 # pyproject.toml changes (they take a minute or more to fetch; the package seconds).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 # The venv lives at the path the runtime stage copies it to: its scripts hard-code it.
 RUN python3 -m venv /opt/tangram \
     && /opt/tangram/bin/python -m pip install --no-cache-dir --upgrade pip setuptools wheel \
@@ -22,6 +22,7 @@ RUN python3 -m venv /opt/tangram \
 print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && /opt/tangram/bin/python -m pip install --no-cache-dir -r /tmp/requirements.txt
+COPY README.md ./
 COPY tangram ./tangram
 # No build isolation: setuptools and wheel are already in the venv, so building the
 # wheel needs no further download.
