@@ -36,6 +36,13 @@ RUN /opt/tangram/bin/python -m pip wheel --no-cache-dir --no-deps --no-build-iso
 FROM ${BASE} AS runtime
 # A fixed uid so that a volume's owner is predictable on the host and in Kubernetes
 # (securityContext.runAsUser / fsGroup in deploy/kuberay).
+# bubblewrap isolates the commands of the Ray sandbox executors (deploy/kuberay; see
+# docs/reliability.md): the image serves both the broker and the sandbox workers.
+# Unpinned: BASE may be any Debian release, each with its own bubblewrap version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --uid 10001 --user-group --home-dir /var/lib/tangram --no-create-home \
         --shell /usr/sbin/nologin tangram \
     && mkdir -p /var/lib/tangram /etc/tangram /run/tangram \

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -472,3 +473,60 @@ def test_kuberay_config_and_scripts_are_well_formed() -> None:
     )
     subprocess.run(["bash", "-n", str(KUBERAY / "head.sh")], check=True)
     subprocess.run(["sh", "-n", str(IMAGE / "entrypoint.sh")], check=True)
+
+
+def test_start_broker_script_serves_the_lease_api_from_a_ray_cluster(tmp_path: Path) -> None:
+    """deploy/kuberay/start_broker.py against a one-node Ray cluster, as head.sh runs it:
+    the broker, a sandbox executor on the node with the sandbox_node resource, the HTTP
+    API with the tenants of the tokens file; a second run (head.sh's restart path) reuses
+    the running broker."""
+    ray = pytest.importorskip("ray")
+    import tangram.ray as tr
+    from tangram.executors.sandbox import isolation_problem
+
+    cfg = yaml.safe_load((KUBERAY / "tangram.yaml").read_text())
+    cfg["server"]["tokens_file"] = str(tmp_path / "tokens.txt")
+    (tmp_path / "tokens.txt").write_text("kr kuberay-test-token-0123456789\n")
+    (tmp_path / "tangram.yaml").write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:  # a free port for the API
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = ray.init(num_cpus=2, resources={"sandbox_node": 1}, include_dashboard=False)
+    try:
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": ctx.address_info["gcs_address"],
+            "TANGRAM_CONFIG": str(tmp_path / "tangram.yaml"),
+            "TANGRAM_PORT": str(port),
+            "TANGRAM_SANDBOX_NODES": "1",
+            "TANGRAM_GPU_NODES": "0",
+            "TANGRAM_WAIT_SECONDS": "30",
+            "TANGRAM_SANDBOX_ISOLATE": "true" if isolation_problem() is None else "false",
+        }
+        for _ in range(2):
+            run = subprocess.run(
+                [sys.executable, str(KUBERAY / "start_broker.py")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert "broker up: pools ['api', 'cpu']" in run.stderr
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/actions?wait=10",
+            method="POST",
+            data=json.dumps({"trajectory": "t", "demands": {"cpu": 1}}).encode(),
+            headers={
+                "Authorization": "Bearer kuberay-test-token-0123456789",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = json.loads(r.read())
+        assert body["state"] == "granted"
+        # The cpu pool's node is the Ray node, by id: its executor runs there.
+        assert body["lease"]["allocation"]["cpu"]["node"] == ctx.address_info["node_id"]
+    finally:
+        tr.stop_broker()
+        ray.shutdown()

@@ -162,5 +162,7 @@ esac
 buildah run --isolation=chroot --user 10001:10001 --env "TANGRAM_PORT=$PORT" "$ctr" -- \
     python3 /usr/local/bin/tangram-healthcheck
 say "HEALTHCHECK command passed inside the container"
+# The sandbox executors' isolation (deploy/kuberay) needs bubblewrap in the image.
+buildah run --isolation=chroot --user 10001:10001 "$ctr" -- bwrap --version
 kill -0 "$server" || { echo "test-image: the server stopped" >&2; exit 1; }
 say "OK"

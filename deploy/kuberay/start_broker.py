@@ -11,7 +11,8 @@ executor is placed on it.
 Environment: TANGRAM_CONFIG, TANGRAM_PORT (8000), TANGRAM_SANDBOX_NODES and
 TANGRAM_GPU_NODES (how many of each to wait for; the worker groups' replicas),
 TANGRAM_WAIT_SECONDS (600), TANGRAM_SERVICES (optional "module:attribute" naming the
-GPU services' ``ServiceSpec`` list).
+GPU services' ``ServiceSpec`` list), TANGRAM_SANDBOX_ISOLATE ("true"; "false" runs sandbox
+commands without bubblewrap), RAY_ADDRESS (default "auto").
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main() -> int:
     gpu_memory = float(cfg.pop("gpu_memory_gb", 80))
     services_conf = cfg.pop("gpu_services", {})
 
-    ray.init(address="auto", namespace="tangram")
+    # KubeRay sets RAY_ADDRESS in its pods; "auto" finds the head started by head.sh.
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="tangram")
     pools = dict(cfg.get("pools") or {})
     want_cpu = int(os.environ.get("TANGRAM_SANDBOX_NODES", "1"))
     want_gpu = int(os.environ.get("TANGRAM_GPU_NODES", "0"))
@@ -88,7 +90,15 @@ def main() -> int:
         services = list(getattr(importlib.import_module(mod), attr))
 
     try:
-        broker = tr.start_broker(cfg, services=services, device_kind="cuda" if gpus else "cpu")
+        broker = tr.start_broker(
+            cfg,
+            services=services,
+            device_kind="cuda" if gpus else "cpu",
+            # Isolation needs bubblewrap (in the image) and user namespaces in the
+            # worker pods; without them the sandbox executors refuse to start, unless
+            # this is "false" (trusted code only: docs/reliability.md).
+            sandbox_isolate=os.environ.get("TANGRAM_SANDBOX_ISOLATE", "true") != "false",
+        )
     except ValueError:
         # The head container restarted while Ray kept the detached broker: reuse it.
         log("a broker already runs; reusing it")
