@@ -273,3 +273,21 @@ def test_extra_cost_agrees_with_the_chunk_allocate_picks(make_core):
     # With the lone GPU taken, the resident GPU 2 is among the smallest free chunks: a hit.
     assert mgr_of(core).extra_cost(probe, 1) == 0.0
     assert one("hit", "rm").lease.restore is False
+
+
+def test_a_failed_action_leaves_no_false_residency(make_core):
+    # The grant restores rm on GPU 0; the holder reports an error (the restore may have
+    # failed), so the broker no longer counts rm as resident there: the next grant
+    # restores again instead of assuming a warm cache.
+    core = make_core(gpu(gnode(), services={"rm": svc(40)}), policy="min")
+    core.submit(job("a", 1, service="rm"), 0.0)
+    (g,) = core.schedule(0.0)
+    assert g.lease.restore is True
+    core.release(g.lease.id, 1.0, outcome="error")
+    core.submit(job("b", 1, service="rm"), 2.0)
+    (again,) = core.schedule(2.0)
+    assert again.lease.restore is True
+    core.release(again.lease.id, 3.0)  # a success keeps it resident
+    core.submit(job("c", 1, service="rm"), 4.0)
+    (warm,) = core.schedule(4.0)
+    assert warm.lease.restore is False

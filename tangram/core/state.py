@@ -330,6 +330,9 @@ class Core:
                 )
             return None
         del self.leases[lease_id]
+        if outcome == "error":
+            for pool, alloc in lease.allocation.items():
+                self.pools[pool].failed(lease.action, alloc)
         if len(self._expiry) > 2 * len(self.leases) + 4096:
             # Released leases leave their entries behind until their deadline; at high
             # rates that is millions of them. Rebuild from the live leases instead.

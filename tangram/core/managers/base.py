@@ -131,6 +131,10 @@ class Manager(ABC):
         pool of the same action could not allocate): as if it never happened."""
         self.release(action, alloc, now, None)
 
+    def failed(self, action: Action, alloc: Allocation) -> None:
+        """The holder released with outcome "error": forget what the grant assumed would
+        happen on the units (a GPU restore that may never have completed)."""
+
     def held_cost(self, action: Action, alloc: Allocation) -> float:
         """Time a granted action pays on top of its duration (a restore it needed)."""
         return 0.0

@@ -315,6 +315,20 @@ class GpuManager(Manager):
             self.evictions -= 1
             self.restores -= 1
 
+    def failed(self, action: Action, alloc: Allocation) -> None:
+        # The restore this grant asked for may have failed: do not count the service as
+        # resident there (the executor restores whenever its own copy is missing, so at
+        # worst the next call pays a restore it did not need).
+        svc, node = action.service, alloc.node
+        if (
+            alloc.restore
+            and svc is not None
+            and node is not None
+            and self.is_resident(svc, alloc.amount, node, alloc.units[0])
+        ):
+            self._evict(node, (svc, alloc.amount, alloc.units[0]))
+            self.evictions -= 1  # not an eviction the cache chose
+
     def held_cost(self, action: Action, alloc: Allocation) -> float:
         if alloc.restore and action.service is not None:
             return self.services[action.service].restore_seconds
