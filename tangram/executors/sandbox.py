@@ -430,6 +430,9 @@ def _bwrap_args(work: Path, ro_paths: Sequence[str]) -> list[str]:
         args.append("--unshare-user")  # bubblewrap needs one to run unprivileged
     python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     python.add(str(Path(sys.executable).resolve().parent.parent))
+    # The private /tmp first: mounted after the binds, it would hide any of them that
+    # live under /tmp (a checkout or venv in /tmp: its Python could not start).
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
     seen: set[str] = set()
     made: set[str] = {"/", "/tmp"}
     for path in (*SYSTEM_PATHS, *sorted(python), *ro_paths, *ETC_PATHS):
@@ -440,7 +443,6 @@ def _bwrap_args(work: Path, ro_paths: Sequence[str]) -> list[str]:
             args += ["--symlink", os.readlink(path), path]  # merged /usr: /bin -> usr/bin
         else:
             args += [*_parents(path, made), "--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
     # The working directory at its real path (results name it), its parents only as
     # empty directories: the other trajectories' directories are not there at all.
     args += _parents(str(work), made)
