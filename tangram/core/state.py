@@ -375,7 +375,8 @@ class Core:
         self.leases[lease.id] = lease
         self.lease_of[action.id] = lease.id
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-        self._track(lease)
+        if self.policy.elastic:  # only the tangram estimate reads it
+            self._track(lease)
 
     def heartbeat(self, lease_id: str, now: float, ttl: float | None = None) -> float:
         """Extend an active lease's TTL from now; return the new expiry time."""
@@ -615,7 +616,8 @@ class Core:
         self.leases[lease.id] = lease
         self.lease_of[action.id] = lease.id
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-        self._track(lease)
+        if self.policy.elastic:  # only the tangram estimate reads it
+            self._track(lease)
         self.counts["granted"] += 1
         return lease
 
