@@ -5,7 +5,8 @@ The run checks, as it goes, that no core is ever held by two leases (over-grants
 at the end that every unit came back and nothing is left queued or held (leaks). It
 samples the process's resident memory through the run: after a warm-up it must stay
 flat. The same run is made with the lease journal off and on (SQLite, one commit per
-round), side by side. The last line of output is JSON with every figure.
+round; every release durable before its client goes on), side by side. The last line
+of output is JSON with every figure.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ async def soak(units: int, clients: int, cycles: int, data_dir: str | None) -> d
                 await asyncio.sleep(0)
                 for c in cores:
                     holder.pop(c, None)
+            # Every acknowledgement durable, as the HTTP door answers a release: the
+            # client goes on only once its release is in the journal (group commit).
+            await broker.sync()
             done += 1
             if done % every == 0:
                 samples.append(rss_mb())

@@ -13,17 +13,21 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tangram.config import Config
 from tangram.core.managers.base import Manager
 from tangram.core.policy import Policy
-from tangram.core.state import Core, Expiry, Grant
-from tangram.journal import Journal
+from tangram.core.state import Core, Expiry, Grant, IdleClose
+from tangram.journal import Journal, JournalUnavailable
 from tangram.spec import Action, ActionCancelled, Lease, LeaseExpired, TangramError
+
+if TYPE_CHECKING:
+    from tangram.executors.fencing import GrantSigner
 
 Listener = Callable[[str, Any], None]
 JOURNAL_FILE = "journal.sqlite3"
+RETRY_JOURNAL = 0.5  # seconds between tries while the journal cannot write
 
 
 class Broker:
@@ -39,6 +43,8 @@ class Broker:
         id_prefix: str = "",
         journal: Journal | None = None,
         max_queued_per_pool: int | None = None,
+        trajectory_idle: float | None = None,
+        signer: GrantSigner | None = None,
     ) -> None:
         self.core = Core(
             pools,
@@ -48,8 +54,10 @@ class Broker:
             id_prefix=id_prefix,
             start=clock(),
             max_queued_per_pool=max_queued_per_pool,
+            trajectory_idle=trajectory_idle,
         )
         self.clock = clock
+        self.signer = signer  # signs every grant for the executors (Lease.grant)
         self._waiters: dict[str, asyncio.Future[Lease]] = {}
         self._round_pending = False
         self._timer: asyncio.TimerHandle | None = None
@@ -60,28 +68,46 @@ class Broker:
         self._listeners: list[Listener] = []
         self.journal = journal
         self.restored: list[Lease] = []
+        self.requeued: list[Action] = []
+        self.ended_restored: list[Lease] = []  # ended before a restart, kept a while
+        # Resolved by the next successful journal flush: what ``sync`` callers wait on.
+        # One future per caller (a cancelled caller cancels only its own).
+        self._synced: list[asyncio.Future[None]] = []
+        # Why the journal cannot write, while it cannot: nothing new is granted then.
+        self.unavailable: str | None = None
+        self._undelivered: list[Grant | Expiry | IdleClose] = []
+        self._retry: asyncio.TimerHandle | None = None
         if journal is not None:
-            # Every lease granted before a crash holds its units again, and the fencing
-            # counter continues above every token issued.
-            self.restored = journal.restore_into(self.core, clock())
+            # Every lease granted before a crash holds its units again, every queued
+            # action is queued again in its place, and the fencing counter continues
+            # above every token issued.
+            restored = journal.restore_into(self.core, clock())
+            self.restored, self.requeued = restored.leases, restored.queued
+            self.ended_restored = restored.ended
+            self.core.hold_until = restored.hold_until
             self.core.observers.append(journal)
+            if signer is not None:  # executors accept restored leases at once
+                for lease in self.restored:
+                    self._sign(lease, clock())
 
     @classmethod
     def from_config(cls, cfg: Config, *, data_dir: str | Path | None = None, **kw: Any) -> Broker:
         """A broker for ``cfg``; with ``data_dir``, leases are journalled there and the
         ones a previous process granted are restored."""
         if data_dir is not None:
-            kw["journal"] = Journal(Path(data_dir) / JOURNAL_FILE)
+            kw["journal"] = Journal(Path(data_dir) / JOURNAL_FILE, durability=cfg.durability)
         return cls(
             cfg.build_pools(),
             cfg.build_policy(),
             lease_ttl=cfg.lease_ttl_seconds,
             max_queued_per_pool=cfg.max_queued_per_pool,
+            trajectory_idle=cfg.trajectory_idle_seconds,
             **kw,
         )
 
     def subscribe(self, listener: Listener) -> None:
-        """Call ``listener(kind, obj)`` on grant, release, expire and cancel."""
+        """Call ``listener(kind, obj)`` on grant, release, expire (a Lease), cancel (an
+        action id) and idle_close (an ``IdleClose``: the trajectory and its pinned nodes)."""
         self._listeners.append(listener)
 
     def _emit(self, kind: str, obj: Any) -> None:
@@ -91,8 +117,10 @@ class Broker:
     # ------------------------------------------------------------------ operations
     def submit_nowait(self, action: Action) -> asyncio.Future[Lease]:
         """Queue the action (InvalidAction is raised here, nothing is queued) and return a
-        future that resolves to its lease."""
+        future that resolves to its lease. Unavailable while the journal cannot write."""
         loop = asyncio.get_running_loop()
+        if self.unavailable is not None:
+            raise JournalUnavailable(self.unavailable)
         self.core.submit(action, self.clock())
         fut: asyncio.Future[Lease] = loop.create_future()
         self._waiters[action.id] = fut
@@ -110,6 +138,30 @@ class Broker:
         except BaseException:
             self._abandon(action.id, fut)
             raise
+
+    def follow(self, action_id: str) -> asyncio.Future[Lease] | None:
+        """The future of a queued action, made on first use for one restored from the
+        journal (its client polls again after the restart); None if it is not queued."""
+        fut = self._waiters.get(action_id)
+        if fut is None and self.core.is_queued(action_id):
+            fut = self._waiters[action_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def sync(self) -> None:
+        """Return once every change made so far is durable (at once without a journal);
+        Unavailable if the journal cannot write. A door awaits this before it answers a
+        change, so nothing a client is told is lost in a crash; changes made in one loop
+        iteration share one commit."""
+        if self.journal is None:
+            return
+        if self.unavailable is not None:
+            raise JournalUnavailable(self.unavailable)
+        if not self.journal.pending and not self._round_pending:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._synced.append(fut)
+        self._kick()
+        await fut
 
     def _abandon(self, action_id: str, fut: asyncio.Future[Lease]) -> None:
         self._waiters.pop(action_id, None)
@@ -137,12 +189,21 @@ class Broker:
     def heartbeat(self, lease_id: str, ttl: float | None = None) -> float:
         now = self.clock()
         at = self.core.heartbeat(lease_id, now, ttl)
+        if self.signer is not None:
+            self._sign(self.core.leases[lease_id], now)  # a grant with the new expiry
         if self._timer_at is not None and at < self._timer_at:
             # A shorter TTL moved this lease's deadline before the armed timer.
             self._arm(now)
         if self.journal is not None:
             self._kick()  # the round makes the new deadline durable
         return at
+
+    def _sign(self, lease: Lease, now: float) -> None:
+        # The core's times are on ``clock`` (monotonic, this process's own); executors
+        # compare the expiry with their wall clock.
+        assert self.signer is not None
+        expires = lease.expires_at + (time.time() - now)
+        lease.grant = self.signer.sign(lease.id, lease.fencing_token, lease.allocation, expires)
 
     def cancel(self, action_id: str) -> bool:
         """Cancel a queued action; its waiter gets ActionCancelled. False if not queued."""
@@ -186,12 +247,31 @@ class Broker:
     def _round(self) -> None:
         self._round_pending = False
         now = self.clock()
-        events = self.core.step(now)
+        if self.unavailable is None:
+            self._undelivered.extend(self.core.step(now))
+        else:
+            # Nothing new is granted while grants cannot be made durable; leases still
+            # expire on time.
+            self._undelivered.extend(self.core.expire(now))
         if self.journal is not None:
-            # Durable before anyone hears of a grant: one commit for the whole round.
-            self.journal.flush()
+            # Durable before anyone hears of a change: one commit for the whole round.
+            try:
+                self.journal.flush()
+            except JournalUnavailable as exc:
+                self._journal_failed(str(exc), now)
+                return
+            if self.unavailable is not None:
+                self.unavailable = None
+                self._kick()  # grant what waited meanwhile
+            synced, self._synced = self._synced, []
+            for done in synced:
+                if not done.done():
+                    done.set_result(None)
+        events, self._undelivered = self._undelivered, []
         for ev in events:
             if isinstance(ev, Grant):
+                if self.signer is not None:
+                    self._sign(ev.lease, now)
                 fut = self._waiters.pop(ev.action.id, None)
                 self._emit("grant", ev.lease)
                 if fut is None or fut.done():
@@ -205,7 +285,25 @@ class Broker:
                 self._held.discard(ev.lease.id)
                 self._emit("expire", ev.lease)
                 self._kick()
+            else:
+                self._emit("idle_close", ev)
         self._arm(now)
+
+    def _journal_failed(self, why: str, now: float) -> None:
+        """Fail closed: answer Unavailable, keep what the round decided for delivery once
+        a write succeeds, and try again soon (the expiry timer keeps running)."""
+        self.unavailable = why
+        synced, self._synced = self._synced, []
+        for done in synced:
+            if not done.done():
+                done.set_exception(JournalUnavailable(why))
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(RETRY_JOURNAL, self._retry_journal)
+        self._arm(now)
+
+    def _retry_journal(self) -> None:
+        self._retry = None
+        self._round()
 
     def _arm(self, now: float) -> None:
         at = self.core.next_wakeup()
@@ -247,6 +345,8 @@ class Broker:
             for lid in list(self._held):
                 try:
                     self.core.heartbeat(lid, now)
+                    if self.signer is not None:
+                        self._sign(self.core.leases[lid], now)
                 except LeaseExpired:
                     self._held.discard(lid)
                 except TangramError:
@@ -258,6 +358,9 @@ class Broker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._refresher is not None:
             self._refresher.cancel()
         for aid, fut in list(self._waiters.items()):
@@ -266,7 +369,8 @@ class Broker:
             self.core.cancel(aid, self.clock())
         self._waiters.clear()
         if self.journal is not None:
-            self.journal.flush()
+            with contextlib.suppress(JournalUnavailable):
+                self.journal.flush()
 
 
 class LeaseContext:

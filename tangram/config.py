@@ -105,6 +105,23 @@ class ServerConfig(_Strict):
     max_queued: int = Field(10_000, ge=1, description="default bound on queued actions per tenant")
     max_wait_seconds: float = Field(60.0, gt=0, le=3600, description="longest long poll")
     retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 429")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, description="largest request body; a larger one is answered 413"
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="time a request has to arrive whole (head and body) from its first byte, "
+        "or a new connection's first request from the connection opening; then the "
+        "connection is closed",
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        description="open connections at most; at the cap the longest-idle one is closed "
+        "for a new one (lowered when the open-file limit cannot hold this many)",
+    )
 
     def load_tenants(self, base: Path | None = None) -> dict[str, Tenant]:
         """The tenants of ``tenants`` and of ``tokens_file`` (relative to ``base``), checked:
@@ -163,6 +180,12 @@ class Config(_Strict):
     policy: str = "tangram"
     lease_ttl_seconds: float = Field(60.0, gt=0)
     max_queued_per_pool: int = Field(100_000, ge=1)
+    # A trajectory with nothing queued or held this long is closed as if its client had
+    # closed it (frameworks without an end-of-trajectory hook never close); null: never.
+    trajectory_idle_seconds: float | None = Field(600.0, gt=0)
+    # With a data directory: "normal" survives a crash of the broker process, "full"
+    # also a crash of the machine (an fsync per commit).
+    durability: Literal["normal", "full"] = "normal"
     pools: dict[str, PoolConfig] = Field(..., min_length=1)
     server: ServerConfig = Field(default_factory=lambda: ServerConfig.model_validate({}))
     # Where the file was read from: ``server.tokens_file`` is relative to it.

@@ -278,6 +278,16 @@ class _PoolCollector(Collector):
                     family.add_metric([name], getattr(mgr, attr))
         active = GaugeMetricFamily("tangram_leases_active", "Leases held now.")
         active.add_metric([], len(core.leases))
+        idle_closed = CounterMetricFamily(
+            "tangram_trajectories_idle_closed",
+            "Trajectories closed by the broker after trajectory_idle_seconds with nothing "
+            "queued or held (their clients never closed them).",
+        )
+        idle_closed.add_metric([], core.counts["idle_closed"])
+        open_trajectories = GaugeMetricFamily(
+            "tangram_trajectories_active", "Trajectories with an action queued or held now."
+        )
+        open_trajectories.add_metric([], core.active_trajectories)
         yield from (cap, used, busy, idle, queued, throttled, available, tokens_est, tokens_used)
         yield from gpu.values()
-        yield active
+        yield from (active, idle_closed, open_trajectories)

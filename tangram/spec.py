@@ -37,6 +37,15 @@ class QueueFull(TangramError):
         self.retry_after = retry_after
 
 
+class Unavailable(TangramError):
+    """The broker cannot make a change durable now (its journal cannot write, e.g. a full
+    disk): nothing that anyone was told of is lost; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnknownLease(TangramError):
     """No lease (and no action) with that id exists."""
 
@@ -289,6 +298,9 @@ class Action:
     ttl: float | None = None
     tenant: str | None = None
     idempotency_key: str | None = None  # the HTTP submit's key, kept with the lease
+    # A digest of the submitted request: a retry under the same key must match it, also
+    # after a restart (the journal keeps it with the key).
+    fingerprint: str | None = None
     id: str = ""
     # Filled in by the core.
     submitted_at: float = 0.0
@@ -389,6 +401,9 @@ class Lease:
     ended_at: float | None = None
     outcome: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The broker's signature over what it granted (tangram.executors.SignedGrant) when it
+    # has a fencing key; executors refuse calls without it. Renewed by heartbeats.
+    grant: Any = None
 
     @property
     def dop(self) -> int:

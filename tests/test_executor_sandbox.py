@@ -41,7 +41,8 @@ def runner(tmp_path: Path, request: pytest.FixtureRequest) -> SandboxRunner:
     isolate = request.param == "isolated"
     if isolate and NO_ISOLATION:
         pytest.skip(f"SANDBOX ISOLATION NOT TESTED: {NO_ISOLATION}")
-    return SandboxRunner(tmp_path / "sandboxes", node="n0", isolate=isolate)
+    # Trusted: these tests are about running commands; fencing is in test_executor_fencing.
+    return SandboxRunner(tmp_path / "sandboxes", node="n0", isolate=isolate, trusted=True)
 
 
 @pytest.mark.parametrize("granted", [CORES[:1], CORES[-1:], CORES])
@@ -188,7 +189,7 @@ def test_a_runner_that_cannot_isolate_says_why(tmp_path: Path, monkeypatch: pyte
     isolation_problem.cache_clear()
     try:
         with pytest.raises(SandboxError, match=r"bubblewrap is not installed.*isolate=False"):
-            SandboxRunner(tmp_path / "r")
-        assert SandboxRunner(tmp_path / "r", isolate=False).isolate is False
+            SandboxRunner(tmp_path / "r", trusted=True)
+        assert SandboxRunner(tmp_path / "r", isolate=False, trusted=True).isolate is False
     finally:
         isolation_problem.cache_clear()

@@ -21,7 +21,7 @@ def score(state: dict[str, Any], x: list[float]) -> float:
 
 @pytest.fixture
 def host() -> ServiceHost:
-    h = ServiceHost("g0")
+    h = ServiceHost("g0", trusted=True)  # fencing: tests/test_executor_fencing.py
     h.register(ServiceSpec("rm", tiny_model, score))
     h.register(ServiceSpec("judge", tiny_model, lambda s, x: len(x)))
     return h
@@ -79,4 +79,4 @@ def test_to_device_uses_dot_to_and_refuses_numpy_on_gpus():
     assert to_device({"t": Tensor(), "n": (1, 2)}, "cuda:3") == {"t": "on cuda:3", "n": (1, 2)}
     with pytest.raises(ServiceError, match="numpy"):
         to_device(np.zeros(2), "cuda:0")
-    assert ServiceHost("g", "cuda").device([2, 3]) == "cuda:2"
+    assert ServiceHost("g", "cuda", trusted=True).device([2, 3]) == "cuda:2"

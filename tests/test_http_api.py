@@ -313,7 +313,7 @@ async def test_openapi_describes_every_endpoint(http):
         ("/readyz", "get"),
     }
     post = doc["paths"]["/v1/actions"]["post"]
-    assert set(post["responses"]) == {"200", "202", "409", "422", "429"}
+    assert set(post["responses"]) == {"200", "202", "409", "422", "429", "503"}
     assert "application/problem+json" in post["responses"]["422"]["content"]
     assert "securitySchemes" not in doc.get("components", {})  # no tenants here
 

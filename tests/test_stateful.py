@@ -200,15 +200,22 @@ class CoreMachine(RuleBasedStateMachine):
 
     def _compete(self, pool: str, a: Action, b: Action) -> bool:
         mgr = self.core.pools[pool]
-        if not isinstance(mgr, CpuManager) or len(mgr.nodes) == 1:
+        if not isinstance(mgr, CpuManager):
             return True
         pin_a = mgr.pins.get(a.trajectory)
+        lease_b = next(lease for lease in self.core.leases.values() if lease.action.id == b.id)
+        node_b = mgr.nodes[str(lease_b.allocation[pool].node)]
+        if pin_a is None and node_b.memory_free < a.memory_gb:
+            # A new trajectory waiting for memory does not hold back the pinned ones on a
+            # node without that memory: only their ending frees it (no deadlock).
+            return False
+        if len(mgr.nodes) == 1:
+            return True
         if pin_a is None:
             # An unpinned waiter that did not fit anywhere competes with every node; one
             # the scheduler chose to defer was meant for one node only, which we cannot
             # see from here: judge only pinned pairs on this pool.
             return False
-        lease_b = next(lease for lease in self.core.leases.values() if lease.action.id == b.id)
         return pin_a[0] == lease_b.allocation[pool].node
 
     @invariant()

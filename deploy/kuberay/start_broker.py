@@ -12,7 +12,10 @@ Environment: TANGRAM_CONFIG, TANGRAM_PORT (8000), TANGRAM_SANDBOX_NODES and
 TANGRAM_GPU_NODES (how many of each to wait for; the worker groups' replicas),
 TANGRAM_WAIT_SECONDS (600), TANGRAM_SERVICES (optional "module:attribute" naming the
 GPU services' ``ServiceSpec`` list), TANGRAM_SANDBOX_ISOLATE ("true"; "false" runs sandbox
-commands without bubblewrap), RAY_ADDRESS (default "auto").
+commands without bubblewrap), TANGRAM_DATA_DIR (the broker's journal, on a volume of the
+head; default: the Ray session directory), TANGRAM_BROKER_RESOURCE (a custom resource only
+the head declares: the broker actor asks for it, so Ray runs and restarts it on the head,
+where the journal and the Service are), RAY_ADDRESS (default "auto").
 """
 
 from __future__ import annotations
@@ -89,9 +92,13 @@ def main() -> int:
         mod, _, attr = spec.partition(":")
         services = list(getattr(importlib.import_module(mod), attr))
 
+    # The journal is on the head's disk: the broker must run, and restart, there.
+    resource = os.environ.get("TANGRAM_BROKER_RESOURCE")
     try:
         broker = tr.start_broker(
             cfg,
+            data_dir=os.environ.get("TANGRAM_DATA_DIR") or tr.DEFAULT_DATA_DIR,
+            broker_options={"resources": {resource: 1}} if resource else None,
             services=services,
             device_kind="cuda" if gpus else "cpu",
             # Isolation needs bubblewrap (in the image) and user namespaces in the

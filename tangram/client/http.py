@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -68,6 +70,7 @@ class HttpClient:
         poll: float = 20.0,
         retries: int = 4,
         backoff: float = 0.05,
+        max_backoff: float = 2.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -78,6 +81,8 @@ class HttpClient:
         self.poll = poll  # longest single long poll; the server may cap it lower
         self.retries = retries
         self.backoff = backoff
+        # Capped: a lease must not lapse while its release waits out a long backoff.
+        self.max_backoff = max_backoff
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -101,6 +106,10 @@ class HttpClient:
         params = {"wait": f"{wait:.3f}"} if wait > 0 else None
         delay = self.backoff
         for attempt in range(self.retries + 1):
+            # Jittered (half to all of the delay), so that thousands of workers that
+            # failed together do not retry in lockstep.
+            pause = delay * (0.5 + random.random() / 2)
+            delay = min(delay * 2, self.max_backoff)
             last = attempt == self.retries
             try:
                 r = await self._http.request(
@@ -114,12 +123,12 @@ class HttpClient:
             except TRANSIENT:
                 if last:
                     raise
-                await asyncio.sleep(delay)
-                delay *= 2
+                await asyncio.sleep(pause)
                 continue
             if r.status_code in RETRY_STATUS and not last:
-                await asyncio.sleep(delay)
-                delay *= 2
+                if r.status_code == 503:  # the server says when (a full journal disk)
+                    pause = max(pause, min(_retry_after(r), self.max_backoff))
+                await asyncio.sleep(pause)
                 continue
             data = _json(r)
             if r.status_code >= 400:
@@ -138,31 +147,42 @@ class HttpClient:
         return ActionState.from_json(data)
 
     async def get(self, action_id: str, *, wait: float = 0.0) -> ActionState:
-        _, data = await self._call("GET", f"/v1/actions/{action_id}", wait=wait)
+        _, data = await self._call("GET", f"/v1/actions/{segment(action_id)}", wait=wait)
         return ActionState.from_json(data)
 
     async def cancel(self, action_id: str) -> ActionState:
         """Cancel a queued action (HttpError 409 once it is granted)."""
-        _, data = await self._call("DELETE", f"/v1/actions/{action_id}")
+        _, data = await self._call("DELETE", f"/v1/actions/{segment(action_id)}")
         return ActionState.from_json(data)
 
-    async def heartbeat(self, lease_id: str, ttl: float | None = None) -> float:
-        """Extend the lease; returns its new expiry (Unix time). LeaseExpired once lapsed."""
-        body = {"ttl": ttl} if ttl is not None else None
-        _, data = await self._call("POST", f"/v1/leases/{lease_id}/heartbeat", body=body)
+    async def heartbeat(
+        self, lease_id: str, ttl: float | None = None, *, fencing_token: int | None = None
+    ) -> float:
+        """Extend the lease; returns its new expiry (Unix time). LeaseExpired once lapsed.
+        ``fencing_token`` (the lease's): refused unless it is the lease's own."""
+        body = _holder({"ttl": ttl} if ttl is not None else {}, fencing_token)
+        path = f"/v1/leases/{segment(lease_id)}/heartbeat"
+        _, data = await self._call("POST", path, body=body or None)
         return float(data["expires_at"])
 
     async def release(
-        self, lease_id: str, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+        self,
+        lease_id: str,
+        outcome: str = "ok",
+        usage: Mapping[str, Any] | None = None,
+        *,
+        fencing_token: int | None = None,
     ) -> None:
-        """Return the lease's units (idempotent); LeaseExpired if it lapsed first."""
-        body: dict[str, Any] = {"outcome": outcome}
+        """Return the lease's units (idempotent); LeaseExpired if it lapsed first.
+        ``fencing_token`` (the lease's): refused unless it is the lease's own."""
+        body: dict[str, Any] = _holder({"outcome": outcome}, fencing_token)
         if usage is not None:
             body["usage"] = dict(usage)
-        await self._call("POST", f"/v1/leases/{lease_id}/release", body=body)
+        await self._call("POST", f"/v1/leases/{segment(lease_id)}/release", body=body)
 
     async def close_trajectory(self, trajectory: str) -> int:
-        _, data = await self._call("POST", f"/v1/trajectories/{trajectory}/close")
+        """Close a trajectory (any id: it is percent-encoded)."""
+        _, data = await self._call("POST", f"/v1/trajectories/{segment(trajectory)}/close")
         return int(data["cancelled"])
 
     async def pools(self) -> dict[str, Any]:
@@ -232,7 +252,8 @@ class HttpClient:
                         raise
                     state = await self.get(state.id)  # granted meanwhile
             if state.state == "granted" and state.lease is not None:
-                await self.release(state.lease.id, outcome="error")
+                lease = state.lease
+                await self.release(lease.id, "error", fencing_token=lease.fencing_token)
 
     def lease(self, action: ActionLike, *, timeout: float | None = None) -> LeaseContext:
         """``async with client.lease(action) as lease:`` holds the units for the body."""
@@ -244,6 +265,18 @@ async def _finish(task: asyncio.Task[None]) -> None:
     while not task.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
+
+
+def segment(value: str) -> str:
+    """``value`` as one path segment: every reserved character percent-encoded, and
+    dots too (a client library would otherwise resolve ``..`` as a dot-segment)."""
+    return quote(value, safe="").replace(".", "%2E")
+
+
+def _holder(body: dict[str, Any], fencing_token: int | None) -> dict[str, Any]:
+    if fencing_token is not None:
+        body["fencing_token"] = fencing_token
+    return body
 
 
 def _json(r: httpx.Response) -> Any:
@@ -285,7 +318,7 @@ class LeaseContext:
         while True:
             await asyncio.sleep(period)
             try:
-                await self._client.heartbeat(lease.id)
+                await self._client.heartbeat(lease.id, fencing_token=lease.fencing_token)
             except LeaseExpired:
                 self.expired = True
                 return
@@ -304,8 +337,9 @@ class LeaseContext:
         if self._beat is not None:
             self._beat.cancel()
         outcome = "ok" if exc_type is None else "error"
+        lease = self._lease
         done = asyncio.get_running_loop().create_task(
-            self._client.release(self._lease.id, outcome=outcome)
+            self._client.release(lease.id, outcome, fencing_token=lease.fencing_token)
         )
         if exc_type is None:
             await done  # LeaseExpired here: the body ran past a lapsed lease

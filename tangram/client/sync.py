@@ -56,13 +56,20 @@ class SyncHttpClient:
     def cancel(self, action_id: str) -> ActionState:
         return self._run(self._client.cancel(action_id))
 
-    def heartbeat(self, lease_id: str, ttl: float | None = None) -> float:
-        return self._run(self._client.heartbeat(lease_id, ttl))
+    def heartbeat(
+        self, lease_id: str, ttl: float | None = None, *, fencing_token: int | None = None
+    ) -> float:
+        return self._run(self._client.heartbeat(lease_id, ttl, fencing_token=fencing_token))
 
     def release(
-        self, lease_id: str, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+        self,
+        lease_id: str,
+        outcome: str = "ok",
+        usage: Mapping[str, Any] | None = None,
+        *,
+        fencing_token: int | None = None,
     ) -> None:
-        self._run(self._client.release(lease_id, outcome, usage))
+        self._run(self._client.release(lease_id, outcome, usage, fencing_token=fencing_token))
 
     def close_trajectory(self, trajectory: str) -> int:
         return self._run(self._client.close_trajectory(trajectory))

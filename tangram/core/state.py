@@ -10,10 +10,14 @@ same code.
 
 from __future__ import annotations
 
+import base64
 import heapq
+import itertools
 import math
+import os
+import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +39,33 @@ from tangram.spec import (
 )
 
 ENDED_KEPT = 100_000  # ended leases remembered for idempotent release and clear errors
+
+
+def random_id(kind: str) -> str:
+    """An id nobody can guess or that comes back: ``kind`` and 96 random bits. Knowing a
+    lease id is what lets a caller release or heartbeat it, and an id that a restart
+    issued again would hand one client another's action."""
+    with _RANDOM_LOCK:  # brokers in several threads (tests, a Ray actor beside HTTP)
+        return kind + next(_RANDOM)
+
+
+def _random_tokens() -> Iterator[str]:
+    # 96 bits from the OS's CSPRNG each, 256 at a time: a call per id cost more than the
+    # rest of a grant.
+    while True:
+        text = base64.urlsafe_b64encode(os.urandom(12 * 256)).decode()
+        for i in range(0, len(text), 16):
+            yield text[i : i + 16]
+
+
+_RANDOM = _random_tokens()
+_RANDOM_LOCK = threading.Lock()
+
+
+def counting_ids() -> Callable[[str], str]:
+    """Ids ``a1``, ``l1``, ... for the simulator, whose runs must repeat exactly."""
+    counter = itertools.count(1)
+    return lambda kind: f"{kind}{next(counter)}"
 
 
 class Observer(Protocol):
@@ -65,6 +96,15 @@ class Expiry:
 class Cancellation:
     action: Action
     reason: str
+
+
+@dataclass(slots=True)
+class IdleClose:
+    """A trajectory with nothing queued or held for ``trajectory_idle`` seconds was
+    closed, as if its client had closed it (its pins and reserved memory are free)."""
+
+    trajectory: str
+    pinned: dict[str, str]  # pool -> the node it was pinned to (its sandbox directory)
 
 
 @dataclass(slots=True)
@@ -117,9 +157,13 @@ class Core:
         id_prefix: str = "",
         start: float | None = None,
         max_queued_per_pool: int | None = None,
+        ids: Callable[[str], str] = random_id,
+        trajectory_idle: float | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
+        if trajectory_idle is not None and not trajectory_idle > 0:
+            raise ValueError("trajectory_idle must be positive (or None: never)")
         self.pools = dict(pools)
         self.policy = policy or Policy()
         self.lease_ttl = lease_ttl
@@ -127,8 +171,19 @@ class Core:
         self.max_queued_per_pool = max_queued_per_pool
         self._cost_clock = cost_clock
         self._prefix = id_prefix
+        self._ids = ids
         self._queue: dict[str, _Entry] = {}
         self._queued_pools: Counter[str] = Counter()
+        # Queued actions per (pool, tenant): a full pool still takes a tenant below its
+        # fair share, so one tenant cannot lock the others out.
+        self._queued_tenants: Counter[tuple[str, str | None]] = Counter()
+        # Trajectories: how many of their actions are queued or held, and since when
+        # those with none have been idle (in that order), to close them after
+        # ``trajectory_idle`` seconds: a client that never closes leaks nothing.
+        self.trajectory_idle = trajectory_idle
+        self._active: Counter[str] = Counter()
+        self._idle: OrderedDict[str, float] = OrderedDict()
+        self._closed: set[str] = set()  # closed by their client while leases still ran
         self.leases: dict[str, Lease] = {}
         self.lease_of: dict[str, str] = {}  # action id -> id of its live lease
         # pool -> lease id -> (node, amount, granted at, expected run time or None)
@@ -143,6 +198,9 @@ class Core:
         self._ready_at: float | None = None
         self._seq = 0
         self.fencing = 0
+        # Nothing is granted before this time (a journal that lost transactions: leases
+        # it forgot may still be held until then).
+        self.hold_until: float | None = None
         self.stats = RoundStats()
         self.counts: Counter[str] = Counter()  # submitted, granted, released, expired, ...
         if start is not None:  # idle time counts from here, not from the first grant
@@ -209,33 +267,35 @@ class Core:
                 exc.reason = "never_fits"
             raise
 
-    def submit(self, action: Action, now: float) -> Action:
-        """Queue a valid action (an id is assigned if it has none); raise InvalidAction."""
+    def submit(self, action: Action, now: float, *, restored: bool = False) -> Action:
+        """Queue a valid action (an id is assigned if it has none); raise InvalidAction.
+
+        ``restored``: an action a journal recorded as queued before a restart keeps its
+        id, its place (``seq``) and its submit time, and is not refused for a full pool."""
         try:
             feasible = self.validate(action)
             if action.id and (action.id in self._queue or action.id in self.lease_of):
                 raise InvalidAction(f"action id {action.id!r} is already in use", "duplicate_id")
-            bound = self.max_queued_per_pool
-            if bound is not None:
-                for p in action.demands:
-                    if self._queued_pools[p] >= bound:
-                        self.counts["refused"] += 1
-                        for o in self.observers:
-                            o.on_refuse(action, "queue_full")
-                        raise QueueFull(
-                            f"pool {p!r} already has {self._queued_pools[p]} queued actions, "
-                            f"its bound (max_queued_per_pool); try again shortly"
-                        )
+            if not restored:
+                self._check_bound(action)
         except InvalidAction as exc:
             self.counts["refused"] += 1
             for o in self.observers:
                 o.on_refuse(action, exc.reason)
             raise
-        self._seq += 1
+        except QueueFull:
+            self.counts["refused"] += 1
+            for o in self.observers:
+                o.on_refuse(action, "queue_full")
+            raise
+        if restored:
+            self._seq = max(self._seq, action.seq)
+        else:
+            self._seq += 1
+            action.seq = self._seq
+            action.submitted_at = now
         if not action.id:
-            action.id = f"{self._prefix}a{self._seq}"
-        action.seq = self._seq
-        action.submitted_at = now
+            action.id = self._prefix + self._ids("a")
         entry = _Entry(action, feasible)
         if action.profiled and self.policy.elastic:
             # Once per action, so scheduling rounds only read it.
@@ -245,16 +305,97 @@ class Core:
             entry.wait = Waiting(feasible[action.key][:depth], head)  # type: ignore[index]
         self._queue[action.id] = entry
         self._queued_pools.update(action.demands.keys())
+        tenant = action.tenant
+        for p in action.demands:
+            self._queued_tenants[p, tenant] += 1
+        self._busy(action.trajectory)
         self.counts["submitted"] += 1
         for o in self.observers:
             o.on_submit(action, now)
         return action
 
+    def _check_bound(self, action: Action) -> None:
+        """QueueFull when a pool the action demands is full. A full pool still takes a
+        tenant below its fair share (the bound over the tenants queued there), up to
+        twice the bound in all: one tenant's burst cannot lock the others out."""
+        bound = self.max_queued_per_pool
+        if bound is None:
+            return
+        for p in action.demands:
+            n = self._queued_pools[p]
+            if n < bound:
+                continue
+            mine = self._queued_tenants[p, action.tenant]
+            tenants = sum(1 for (q, _), k in self._queued_tenants.items() if q == p and k > 0)
+            if mine == 0:
+                tenants += 1
+            share = -(-bound // max(1, tenants))
+            if mine < share and n < 2 * bound:
+                continue
+            who = f" (tenant {action.tenant!r} has {mine}, its share)" if mine else ""
+            raise QueueFull(
+                f"pool {p!r} already has {n} queued actions, its bound "
+                f"(max_queued_per_pool){who}; try again shortly"
+            )
+
     def _dequeue(self, entry: _Entry) -> None:
-        del self._queue[entry.action.id]
+        action = entry.action
+        del self._queue[action.id]
         queued = self._queued_pools
-        for p in entry.action.demands:
+        tenants = self._queued_tenants
+        tenant = action.tenant
+        for p in action.demands:
             queued[p] -= 1
+            key = (p, tenant)
+            tenants[key] -= 1
+            if not tenants[key]:
+                del tenants[key]
+
+    # ------------------------------------------------------------------ trajectories
+    def _busy(self, trajectory: str) -> None:
+        self._active[trajectory] += 1
+        self._idle.pop(trajectory, None)
+        self._closed.discard(trajectory)
+
+    def _done(self, trajectory: str, now: float) -> None:
+        """One of the trajectory's actions left the queue without a lease, or its lease
+        ended."""
+        active = self._active
+        n = active[trajectory] - 1
+        if n > 0:
+            active[trajectory] = n
+            return
+        del active[trajectory]
+        if trajectory in self._closed:
+            self._closed.discard(trajectory)
+        elif self.trajectory_idle is not None:
+            self._idle[trajectory] = now
+
+    @property
+    def active_trajectories(self) -> int:
+        """Trajectories with an action queued or held now."""
+        return len(self._active)
+
+    def close_idle(self, now: float) -> list[IdleClose]:
+        """Close every trajectory idle for ``trajectory_idle`` seconds by ``now``."""
+        out: list[IdleClose] = []
+        limit = self.trajectory_idle
+        if limit is None:
+            return out
+        idle = self._idle
+        while idle:
+            traj, since = next(iter(idle.items()))
+            if since + limit > now:
+                break
+            del idle[traj]
+            pinned = {}
+            for pool, mgr in self.pools.items():
+                node = mgr.close_trajectory(traj)
+                if node is not None:
+                    pinned[pool] = node
+            self.counts["idle_closed"] += 1
+            out.append(IdleClose(traj, pinned))
+        return out
 
     def cancel(self, action_id: str, now: float) -> Action | None:
         """Remove a queued action; None if it is not queued (granted, ended or unknown)."""
@@ -262,6 +403,7 @@ class Core:
         if entry is None:
             return None
         self._dequeue(entry)
+        self._done(entry.action.trajectory, now)
         self.counts["cancelled"] += 1
         for o in self.observers:
             o.on_cancel(entry.action, now)
@@ -275,10 +417,14 @@ class Core:
         out = []
         for entry in [e for e in self._queue.values() if e.action.trajectory == trajectory]:
             self._dequeue(entry)
+            self._done(trajectory, now)
             self.counts["cancelled"] += 1
             for o in self.observers:
                 o.on_cancel(entry.action, now)
             out.append(Cancellation(entry.action, "trajectory closed"))
+        self._idle.pop(trajectory, None)
+        if trajectory in self._active:  # its running leases end later: closed already
+            self._closed.add(trajectory)
         return out
 
     def queued(self) -> Iterable[Action]:
@@ -374,9 +520,19 @@ class Core:
         lease.state = "active"
         self.leases[lease.id] = lease
         self.lease_of[action.id] = lease.id
+        self._busy(action.trajectory)
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
         if self.policy.elastic:  # only the tangram estimate reads it
             self._track(lease)
+
+    def remember(self, lease: Lease) -> None:
+        """Know an ended lease recorded before a restart, so a release retried across
+        the restart is answered as released (or expired), not as unknown."""
+        assert lease.state in ("released", "expired") and lease.ended_at is not None
+        self.fencing = max(self.fencing, lease.fencing_token)
+        self.ended[lease.id] = (lease.state, lease.expires_at, lease.ended_at)
+        if len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
 
     def heartbeat(self, lease_id: str, now: float, ttl: float | None = None) -> float:
         """Extend an active lease's TTL from now; return the new expiry time."""
@@ -421,6 +577,7 @@ class Core:
             self.pools[pool].release(lease.action, alloc, now, usage)
         lease.ended_at = now
         self.lease_of.pop(lease.action.id, None)
+        self._done(lease.action.trajectory, now)
         for pool in lease.allocation:
             self._running[pool].pop(lease.id, None)
         for o in self.observers:
@@ -440,12 +597,18 @@ class Core:
             heapq.heappop(heap)
         t = heap[0][0] if heap else None
         if self._ready_at is not None and (t is None or self._ready_at < t):
-            return self._ready_at
+            t = self._ready_at
+        if self._idle and self.trajectory_idle is not None:
+            idle_at = next(iter(self._idle.values())) + self.trajectory_idle
+            if t is None or idle_at < t:
+                t = idle_at
         return t
 
-    def step(self, now: float) -> list[Grant | Expiry]:
-        """Expire what is due, then run a scheduling round."""
-        events: list[Grant | Expiry] = list(self.expire(now))
+    def step(self, now: float) -> list[Grant | Expiry | IdleClose]:
+        """Expire what is due, close idle trajectories, then run a scheduling round."""
+        events: list[Grant | Expiry | IdleClose] = list(self.expire(now))
+        if self._idle:
+            events.extend(self.close_idle(now))
         events.extend(self.schedule(now))
         return events
 
@@ -456,6 +619,11 @@ class Core:
         self._ready_at = None
         if not self._queue:
             return []
+        if self.hold_until is not None:
+            if now < self.hold_until:
+                self._ready_at = self.hold_until
+                return []
+            self.hold_until = None
         clock = self._cost_clock
         t0 = clock() if clock is not None else 0.0
         rnd = _Round()
@@ -605,7 +773,7 @@ class Core:
         self.fencing += 1
         ttl = action.ttl or self.lease_ttl
         lease = Lease(
-            id=f"{self._prefix}l{self.fencing}",
+            id=self._prefix + self._ids("l"),
             action=action,
             fencing_token=self.fencing,
             allocation=alloc,

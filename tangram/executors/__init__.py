@@ -7,13 +7,23 @@ wraps them in actors placed on the right nodes.
   process pinned to exactly the granted cores.
 - ``ServiceHost``: GPU services (models) kept in host memory, restored onto the granted
   devices, evicted when the broker says so.
-- ``Fence``/``StaleLease``: both refuse work whose fencing token is older than the newest
-  one seen for its units.
+- ``Fence``, ``GrantSigner``, ``SignedGrant``: executors run work only under a grant the
+  broker signed for exactly its units, unexpired and not older than the newest fencing
+  token seen for them; refusals are ``StaleLease``, ``ForgedGrant`` and
+  ``GrantMismatch`` (all ``FencingError``).
 - ``HttpCaller``: quota-governed HTTP calls with their token usage read back.
 """
 
 from tangram.executors.api import HttpCall, HttpCaller, HttpResult
-from tangram.executors.fencing import Fence, StaleLease
+from tangram.executors.fencing import (
+    Fence,
+    FencingError,
+    ForgedGrant,
+    GrantMismatch,
+    GrantSigner,
+    SignedGrant,
+    StaleLease,
+)
 from tangram.executors.sandbox import Command, CommandResult, Limits, SandboxRunner
 from tangram.executors.service import ServiceCall, ServiceHost, ServiceResult, ServiceSpec
 
@@ -21,6 +31,10 @@ __all__ = [
     "Command",
     "CommandResult",
     "Fence",
+    "FencingError",
+    "ForgedGrant",
+    "GrantMismatch",
+    "GrantSigner",
     "HttpCall",
     "HttpCaller",
     "HttpResult",
@@ -30,5 +44,6 @@ __all__ = [
     "ServiceHost",
     "ServiceResult",
     "ServiceSpec",
+    "SignedGrant",
     "StaleLease",
 ]

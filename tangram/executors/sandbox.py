@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tangram.executors.fencing import Fence
+from tangram.executors.fencing import DEFAULT_SKEW, KEY_ENV, Fence, SignedGrant
 
 # Runs in the child before the command, in two stages when isolated. Outside the
 # sandbox: CPU affinity and a parent-death signal, then ``exec`` bubblewrap, which builds
@@ -86,7 +87,13 @@ except OSError as exc:
     os._exit(127)
 """
 
-_SAFE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+# Trajectory ids become directory names: these bytes stay as they are, every other byte
+# of the id's UTF-8 becomes "." and two hex digits. "." never stands for itself, so the
+# mapping is injective and never yields "." or ".."; longer names become "~" and a hash.
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+_KEEP = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPED = re.compile(r"(?:[A-Za-z0-9_-]|\.[0-9a-f]{2})+")
+MAX_NAME = 200  # bytes; file systems allow 255
 KILL_GRACE = 2.0  # seconds to drain pipes after the process group was killed
 
 
@@ -160,6 +167,39 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+
+def dirname(trajectory: str) -> str:
+    """The working directory's name for ``trajectory``: one path component, distinct for
+    distinct ids, made of ``[A-Za-z0-9_.~-]`` only."""
+    if len(trajectory) <= MAX_NAME and _PLAIN.fullmatch(trajectory):
+        return trajectory  # the common case, readable as it is
+    # surrogatepass: any str encodes (a lone surrogate too), still injectively.
+    raw = trajectory.encode("utf-8", "surrogatepass")
+    name = "".join(chr(b) if b in _KEEP else f".{b:02x}" for b in raw)
+    if len(name) > MAX_NAME:
+        return "~" + hashlib.sha256(raw).hexdigest()
+    return name
+
+
+def trajectory_of(name: str) -> str:
+    """The trajectory id a directory name stands for (the inverse of ``dirname``); a
+    hashed or foreign name comes back as it is."""
+    if not _ESCAPED.fullmatch(name) or "." not in name:
+        return name
+    raw = bytearray()
+    i = 0
+    while i < len(name):
+        if name[i] == ".":
+            raw.append(int(name[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.append(ord(name[i]))
+            i += 1
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return name
 
 
 def fill(command: str | Sequence[str], dop: int, cores: Sequence[int]) -> str | list[str]:
@@ -250,7 +290,13 @@ class SandboxRunner:
     prefixes, ``ro_paths``, a private ``/tmp`` and its own working directory; as an
     unprivileged user (``uid``/``gid`` when the executor runs as root) in a user
     namespace of its own, under ``limits``. ``isolate=False`` runs it as the executor's
-    user on the host filesystem (trusted code only)."""
+    user on the host filesystem (trusted code only).
+
+    Every call needs the lease's signed grant, checked with ``fencing_key`` (the
+    broker's) against this runner's ``node`` and ``pool``; ``grant_skew`` is the clock
+    offset to the broker tolerated at expiry. ``trusted=True`` (no key needed) also runs
+    calls without a grant: for direct use by trusted code, never behind a broker.
+    See docs/reliability.md, "Executor fencing"."""
 
     def __init__(
         self,
@@ -262,28 +308,31 @@ class SandboxRunner:
         uid: int = NOBODY,
         gid: int = NOBODY,
         ro_paths: Sequence[str] = (),
+        pool: str | None = None,
+        fencing_key: bytes | None = None,
+        trusted: bool = False,
+        grant_skew: float = DEFAULT_SKEW,
     ) -> None:
+        # Before anything is created: a runner that cannot fence must not start.
+        fence = Fence(fencing_key, verify=not trusted, skew=grant_skew)
         if isolate and (problem := isolation_problem()) is not None:
             raise SandboxError(f"cannot isolate sandbox commands: {problem}")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.node = node
+        self.pool = pool
         self.isolate = isolate
         self.limits = limits or Limits()
         self.uid, self.gid = uid, gid
         self.ro_paths = tuple(ro_paths)
         self.available = frozenset(os.sched_getaffinity(0))
         self.running: dict[int, str] = {}  # child pid -> trajectory, while it runs
-        self.fence = Fence()  # newest fencing token seen per core id
+        self.fence = fence  # checks grants; the newest fencing token seen per core id
 
     def workdir(self, trajectory: str) -> Path:
         if not isinstance(trajectory, str) or not trajectory:
             raise SandboxError("a trajectory id must be a non-empty string")
-        # Ids become directory names: keep safe ones readable, encode the rest.
-        name = trajectory if _SAFE.fullmatch(trajectory) else "x" + trajectory.encode().hex()
-        if name in (".", ".."):
-            name = "x" + trajectory.encode().hex()
-        return self.root / name
+        return self.root / dirname(trajectory)
 
     def close_trajectory(self, trajectory: str) -> bool:
         """Remove the trajectory's working directory; False if it had none."""
@@ -293,7 +342,9 @@ class SandboxRunner:
         return existed
 
     def trajectories(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        """The trajectories with a working directory here (a name too long to keep, one
+        in the ``~`` hashed form, is listed as that directory name)."""
+        return sorted(trajectory_of(p.name) for p in self.root.iterdir() if p.is_dir())
 
     async def run(
         self,
@@ -301,10 +352,13 @@ class SandboxRunner:
         cmd: Command,
         cores: Sequence[int],
         dop: int | None = None,
-        token: int | None = None,
+        grant: SignedGrant | None = None,
     ) -> CommandResult:
-        """Run ``cmd`` on exactly ``cores``. ``token`` is the lease's fencing token: a
-        token older than one already seen for any of the cores raises ``StaleLease``."""
+        """Run ``cmd`` on exactly ``cores`` under ``grant``, the lease's signed grant
+        (``lease.grant``). It must verify under the runner's key and name exactly these
+        cores on this node (``ForgedGrant``, ``GrantMismatch``), be unexpired and carry a
+        fencing token no older than any seen for the cores (``StaleLease``); a trusted
+        runner also runs calls without one."""
         cmd.check()
         ids = tuple(int(c) for c in cores)
         if not ids:
@@ -315,7 +369,7 @@ class SandboxRunner:
                 f"cores {missing} do not exist on node {self.node or 'here'} (it has "
                 f"{sorted(self.available)}); the pool's core ids must match the machine"
             )
-        self.fence.admit(ids, token, f"node {self.node or 'here'}")
+        self.fence.admit(ids, grant, f"node {self.node or 'here'}", node=self.node, pool=self.pool)
         dop = len(ids) if dop is None else dop
         work = self.workdir(trajectory)
         owner = self.isolate and os.getuid() == 0
@@ -350,7 +404,8 @@ class SandboxRunner:
             env.update({"HOME": str(work), "TMPDIR": "/tmp"})
         else:
             spec = {**inner, "cores": list(ids)}
-            env = dict(os.environ)
+            # Even trusted code has no use for the key that makes grants.
+            env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
         env.update(
             {
                 "TANGRAM_DOP": str(dop),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tangram.executors.fencing import Fence
+from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
 
 _EVICTED = re.compile(r"^(?P<svc>.+)/tp(?P<k>\d+)@(?P<node>.*):(?P<start>\d+)$")
 
@@ -81,19 +81,33 @@ def to_device(state: Any, device: str) -> Any:
 
 
 class ServiceHost:
-    """The services of one GPU node: host copies, and what is resident on which chunk."""
+    """The services of one GPU node: host copies, and what is resident on which chunk.
 
-    def __init__(self, node: str = "", device_kind: str = "cpu") -> None:
+    Calls are fenced like ``SandboxRunner``'s: the lease's signed grant, checked with
+    ``fencing_key`` against ``node`` and ``pool``; ``trusted=True`` also serves calls
+    without one (direct trusted use only)."""
+
+    def __init__(
+        self,
+        node: str = "",
+        device_kind: str = "cpu",
+        *,
+        pool: str | None = None,
+        fencing_key: bytes | None = None,
+        trusted: bool = False,
+        grant_skew: float = DEFAULT_SKEW,
+    ) -> None:
         if device_kind not in ("cpu", "cuda"):
             raise ServiceError(f"device kind must be 'cpu' or 'cuda', got {device_kind!r}")
+        self.fence = Fence(fencing_key, verify=not trusted, skew=grant_skew)
         self.node = node
+        self.pool = pool
         self.device_kind = device_kind
         self.specs: dict[str, ServiceSpec] = {}
         self.host: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
         # (service, chunk size, first unit) -> the state on that chunk's device
         self.resident: dict[tuple[str, int, int], Any] = {}
-        self.fence = Fence()  # newest fencing token seen per GPU index
 
     def register(self, spec: ServiceSpec) -> float:
         """Build the service's host copy now; return how long loading took."""
@@ -138,14 +152,18 @@ class ServiceHost:
         units: Sequence[int],
         evicts: Sequence[str],
         payload: Any,
-        token: int | None = None,
+        grant: SignedGrant | None = None,
     ) -> ServiceResult:
-        """Serve one call on the granted GPUs. ``token`` is the lease's fencing token: a
-        token older than one already seen for any of the GPUs raises ``StaleLease``."""
+        """Serve one call on the granted GPUs under ``grant``, the lease's signed grant
+        (``lease.grant``), checked before anything is evicted or restored: it must
+        verify, name exactly these GPUs on this node, be unexpired and not older than any
+        fencing token seen for them (``ForgedGrant``, ``GrantMismatch``, ``StaleLease``)."""
         spec = self._spec(service)
         if not units:
             raise ServiceError("no GPUs granted: a service call needs at least one unit")
-        self.fence.admit(units, token, f"GPU node {self.node or 'here'}")
+        self.fence.admit(
+            units, grant, f"GPU node {self.node or 'here'}", node=self.node, pool=self.pool
+        )
         evicted = self.evict(evicts)
         key = (service, len(units), units[0])
         # Restore whenever the state is not here, whatever the broker believed: after an

@@ -13,16 +13,26 @@ result = await client.run(run_tests("tests/"), trajectory="t1")
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tangram.config import Config, load_config, parse_config
-from tangram.executors.fencing import StaleLease
+from tangram.executors.fencing import (
+    KEY_ENV,
+    MIN_KEY_BYTES,
+    FencingError,
+    ForgedGrant,
+    GrantMismatch,
+    StaleLease,
+)
 from tangram.executors.service import ServiceSpec
-from tangram.ray.actor import BrokerActor
+from tangram.ray.actor import DEFAULT_DATA_DIR, BrokerActor
 from tangram.ray.client import (
     DEFAULT_NAME,
     DEFAULT_NAMESPACE,
@@ -31,18 +41,29 @@ from tangram.ray.client import (
     ExecutorError,
     get_broker,
 )
-from tangram.ray.executors import executor_name, find_executor, start_executors
+from tangram.ray.executors import (
+    FencingKeyMismatch,
+    executor_name,
+    find_executor,
+    start_executors,
+)
 from tangram.ray.nodes import cpu_pool_from_ray
 
 __all__ = [
+    "DEFAULT_DATA_DIR",
     "BrokerNotFound",
     "Client",
     "ExecutorError",
+    "FencingError",
+    "FencingKeyMismatch",
+    "ForgedGrant",
+    "GrantMismatch",
     "StaleLease",
     "cpu_pool_from_ray",
     "executor_name",
     "find_executor",
     "get_broker",
+    "resolve_fencing_key",
     "start_broker",
     "stop_broker",
 ]
@@ -61,6 +82,27 @@ def _config(config: Config | Mapping[str, Any] | str | Path) -> Config:
     return parse_config(dict(config))
 
 
+def resolve_fencing_key(key: bytes | None = None) -> bytes:
+    """The key the broker signs grants with and its executors check them with: ``key``,
+    else ``$TANGRAM_FENCING_KEY`` (hex), else 32 fresh random bytes."""
+    if key is not None:
+        return key
+    raw = os.environ.get(KEY_ENV, "").strip()
+    if not raw:
+        return secrets.token_bytes(32)
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        raise ValueError(
+            f"{KEY_ENV} must be hex (python -c 'import secrets; print(secrets.token_hex(32))')"
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(
+            f"{KEY_ENV} holds {len(key)} bytes; a fencing key needs {MIN_KEY_BYTES} or more"
+        )
+    return key
+
+
 def ensure_ray(address: str | None = None, **init: Any) -> None:
     """Join the running cluster (``address="auto"``) or start a local one."""
     if ray.is_initialized():
@@ -72,6 +114,14 @@ def ensure_ray(address: str | None = None, **init: Any) -> None:
         ray.init(address="auto", **init)
     except ConnectionError:
         ray.init(include_dashboard=False, **init)
+
+
+def _caller_node() -> str | None:
+    try:
+        node: str = ray.get_runtime_context().get_node_id()
+    except Exception:  # a Ray Client driver has no node of its own
+        return None
+    return node
 
 
 def start_broker(
@@ -88,19 +138,36 @@ def start_broker(
     sandbox_isolate: bool = True,
     device_kind: str = "cpu",
     address: str | None = None,
+    fencing_key: bytes | None = None,
+    data_dir: str | None = DEFAULT_DATA_DIR,
+    broker_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Start the broker as a named async actor and its executors; return the handle.
 
     ``config`` is a ``Config``, a configuration dict or a YAML path. The actor is detached
-    (it outlives this driver) and restarted up to ``max_restarts`` times (-1: always);
-    a restarted broker starts empty, so clients holding leases get ``UnknownLease`` and
-    acquire again. ``services`` are the GPU services the service executors load;
+    (it outlives this driver) and restarted up to ``max_restarts`` times (-1: always).
+    ``data_dir`` is where it journals its leases and queued actions, on the node it runs
+    on: a restarted actor restores them from there and clients carry on (docs/ray.md).
+    ``{session}`` in it stands for that node's Ray session directory, ``{namespace}``
+    and ``{name}`` for the broker's; the default keeps the journal with the Ray cluster.
+    ``None``: no journal, a restarted broker starts empty (clients holding leases get
+    ``UnknownLease`` and acquire again). With a data directory and no placement of its
+    own, the actor prefers the node of the caller (soft node affinity), so a restart
+    finds the directory; ``broker_options`` (extra ``ray.remote`` options, e.g.
+    ``{"resources": {"tangram_broker": 1}}``) pins it where the directory is, as
+    deploy/kuberay does. ``services`` are the GPU services the service executors load;
     ``placement`` maps pool node names to Ray node ids where they differ.
     ``sandbox_isolate=False`` runs sandbox commands without isolation (trusted code
     only; see docs/reliability.md).
-    Raises ``ValueError`` if a broker of that name already runs (use ``get_broker``).
+    ``fencing_key`` (default: ``$TANGRAM_FENCING_KEY`` in hex, else a random key) signs
+    every grant; the executors get it as a constructor argument and refuse calls without
+    a valid grant for exactly their units (docs/reliability.md, "Executor fencing").
+    Raises ``ValueError`` if a broker of that name already runs (use ``get_broker``),
+    ``FencingKeyMismatch`` if executors left by an earlier broker hold another key (the
+    new broker actor is killed again when its executors cannot start).
     """
     cfg = _config(config)
+    key = resolve_fencing_key(fencing_key)
     if device_kind not in ("cpu", "cuda"):
         raise ValueError(f"device_kind must be 'cpu' or 'cuda', got {device_kind!r}")
     ensure_ray(address)
@@ -122,23 +189,45 @@ def start_broker(
     }
     if detached:
         opts["lifetime"] = "detached"
+    extra = dict(broker_options or {})
+    if data_dir is not None and not {"scheduling_strategy", "resources"} & set(extra):
+        node = _caller_node()
+        if node is not None:
+            # The journal is on one node's disk: a restart elsewhere would not find it.
+            # Soft, so that the broker still comes back (empty) if that node is gone.
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+    opts.update(extra)
     actor_class: Any = ray.remote(BrokerActor)
-    handle = actor_class.options(**opts).remote(cfg, name=name, namespace=namespace)
+    # Constructor arguments: Ray re-runs the constructor of a restarted actor with the
+    # same arguments, so a restarted broker signs with the key its executors hold and
+    # restores from the same data directory.
+    handle = actor_class.options(**opts).remote(
+        cfg, name=name, namespace=namespace, fencing_key=key, data_dir=data_dir
+    )
     ray.get(handle.ping.remote())
     if not detached:
         _owned.append(handle)
     if executors:
-        started = start_executors(
-            cfg,
-            broker=name,
-            namespace=namespace,
-            services=services,
-            placement=placement,
-            sandbox_root=sandbox_root,
-            sandbox_isolate=sandbox_isolate,
-            device_kind=device_kind,
-            detached=detached,
-        )
+        try:
+            started = start_executors(
+                cfg,
+                broker=name,
+                namespace=namespace,
+                fencing_key=key,
+                services=services,
+                placement=placement,
+                sandbox_root=sandbox_root,
+                sandbox_isolate=sandbox_isolate,
+                device_kind=device_kind,
+                detached=detached,
+            )
+        except BaseException:
+            # A broker whose executors cannot run its grants must not stay behind to be
+            # found by name and reused.
+            ray.kill(handle, no_restart=True)
+            if handle in _owned:
+                _owned.remove(handle)
+            raise
         if not detached:
             _owned.extend(started)
     return handle

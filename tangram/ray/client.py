@@ -9,7 +9,14 @@ submission, release, heartbeat and cancellation goes into an outbox that one pum
 sends as a single ``exchange`` call, with at most one such call in flight (what piles up
 meanwhile goes in the next one), and one long poll waits for grants while actions are
 queued. Heartbeats are batched too: every third of the shortest TTL held, all held
-leases in one call.
+leases in one call; their reply brings each lease's grant re-signed with its new expiry,
+which the client keeps on the ``Lease`` and hands to the executors.
+
+When Ray restarts the broker actor, a call in flight fails with ``ActorUnavailableError``:
+the client sends it again (for up to ``reconnect`` seconds) instead of failing its
+callers, and once a reply says the actor is in a new life it submits every action it
+still waits for again under the same id. A broker with a journal has restored those
+actions (and the leases it had granted), so each waiter gets the restored action's grant.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from tangram.actions import Bound
 from tangram.executors.api import HttpCall, HttpCaller
-from tangram.executors.fencing import StaleLease
+from tangram.executors.fencing import FencingError, StaleLease
 from tangram.executors.sandbox import Command
 from tangram.executors.service import ServiceCall
 from tangram.ray.actor import Reply
@@ -40,18 +47,33 @@ from tangram.spec import (
     Lease,
     LeaseExpired,
     LeaseReleased,
+    QueueFull,
     TangramError,
+    Unavailable,
     UnknownLease,
 )
 
 DEFAULT_NAME = "tangram"
 DEFAULT_NAMESPACE = "tangram"
 POLL_WAIT = 2.0
+RECONNECT = 60.0  # how long calls are sent again while the broker actor is restarting
+RETRY_PAUSE = 0.2  # between two tries of a call that found the actor unavailable
+RETRY_RELEASE = 0.5  # before a release the journal could not make durable is sent again
+DUPES_KEPT = 10_000  # grants remembered to recognise one delivered twice
 
 _ERRORS: dict[str, type[TangramError]] = {
     c.__name__: c
-    for c in (InvalidAction, UnknownLease, LeaseExpired, LeaseReleased, ActionCancelled)
+    for c in (
+        InvalidAction,
+        UnknownLease,
+        LeaseExpired,
+        LeaseReleased,
+        ActionCancelled,
+        QueueFull,
+        Unavailable,
+    )
 }
+_ERRORS["JournalUnavailable"] = Unavailable  # the broker's journal cannot write
 
 
 class ExecutorError(TangramError):
@@ -89,7 +111,8 @@ def get_broker(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> 
 
 class Client:
     """One per process (or per actor) is enough; it is bound to the event loop that
-    first uses it."""
+    first uses it. While the broker actor is unreachable (Ray restarting it) calls are
+    sent again for up to ``reconnect`` seconds before what waits on them fails."""
 
     def __init__(
         self,
@@ -97,10 +120,12 @@ class Client:
         *,
         name: str = DEFAULT_NAME,
         namespace: str = DEFAULT_NAMESPACE,
+        reconnect: float = RECONNECT,
     ) -> None:
         self.broker = broker if broker is not None else get_broker(name, namespace)
         self.name = name
         self.namespace = namespace
+        self.reconnect = reconnect
         self.id = f"c{uuid.uuid4().hex[:12]}"
         self._seq = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[Lease]] = {}
@@ -111,6 +136,8 @@ class Client:
         self._beats: list[str] = []
         self._cancels: list[str] = []
         self._held: dict[str, float] = {}  # lease id -> ttl, while a body holds it
+        # The held leases themselves: heartbeats renew their grants in place.
+        self._held_leases: dict[str, Lease] = {}
         self._lost: dict[str, TangramError] = {}  # held leases that failed a heartbeat
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,6 +150,17 @@ class Client:
         self._closed = False
         # Ray calls made to the broker, by kind: what the batching saves is visible here.
         self.calls: Counter[str] = Counter()
+        # Surviving a restart of the broker actor:
+        self._life: int | None = None  # the actor's life that answered last
+        self._broken_since: float | None = None  # first failed call since the last reply
+        self._resync = False  # a call failed: submit what waits again at the next reply
+        self._resent: set[str] = set()  # actions submitted again, not yet granted
+        # action id -> lease id of resent actions already granted: the same grant may
+        # come once more (from the submission again) and must not be given back.
+        self._dupes: dict[str, str] = {}
+        self._release_args: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        self._resent_releases: set[str] = set()
+        self.restarts = 0  # new lives of the broker actor this client has seen
 
     # ------------------------------------------------------------------ leases
     async def acquire(self, action: Action, timeout: float | None = None) -> Lease:
@@ -143,6 +181,7 @@ class Client:
             return await asyncio.wait_for(fut, timeout)
         except BaseException:
             self._actions.pop(action.id, None)
+            self._resent.discard(action.id)
             if self._waiting.pop(action.id, None) is not None:
                 self._cancels.append(action.id)
                 self._kick()
@@ -153,11 +192,13 @@ class Client:
     ) -> None:
         """Return the lease's units. Releasing twice is fine; LeaseExpired if it expired."""
         self._held.pop(lease_id, None)
+        self._held_leases.pop(lease_id, None)
         lost = self._lost.pop(lease_id, None)
         fut = self._releasing.get(lease_id)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             self._releasing[lease_id] = fut
+            self._release_args[lease_id] = (outcome, usage)
             self._releases.append((lease_id, outcome, usage))
             self._kick()
         with contextlib.suppress(LeaseReleased):
@@ -172,6 +213,7 @@ class Client:
     def hold(self, lease: Lease) -> None:
         """Keep ``lease`` alive with the batched heartbeats until it is released."""
         self._held[lease.id] = lease.ttl
+        self._held_leases[lease.id] = lease
         task = self._beater
         if task is not None and not task.done() and lease.ttl / 3 < self._beat_period:
             task.cancel()  # it sleeps longer than this lease's TTL allows
@@ -281,14 +323,13 @@ class Client:
             return await getattr(handle, method).remote(*args)
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            # The executor refused the grant (an expired or superseded lease, a missing or
+            # forged grant, other units): say so plainly, not as a remote traceback.
+            where = f" (lease {lease.id}, action {lease.action.id!r})"
             if isinstance(cause, StaleLease):
-                # The executor refused a lease that expired and whose units went to a
-                # newer one: say so plainly, not as a remote traceback.
-                raise StaleLease(
-                    f"{cause} (lease {lease.id}, action {lease.action.id!r})",
-                    cause.token,
-                    cause.newest,
-                ) from None
+                raise StaleLease(f"{cause}{where}", cause.token, cause.newest) from None
+            if isinstance(cause, FencingError):
+                raise type(cause)(f"{cause}{where}") from None
             raise
         except RayActorError as exc:
             self._executors.pop((kind, pool, node), None)
@@ -318,7 +359,7 @@ class Client:
             cmd,
             alloc.units,
             dop,
-            lease.fencing_token,
+            lease.grant,
         )
 
     async def _run_service(
@@ -338,7 +379,7 @@ class Client:
             alloc.units,
             alloc.evicts,
             call.payload,
-            lease.fencing_token,
+            lease.grant,
         )
         if result.restored:
             # The measured copy time corrects the pool's restore cost (fire and forget).
@@ -369,8 +410,13 @@ class Client:
                 try:
                     self.calls["exchange"] += 1
                     reply = await self.broker.exchange.remote(self.id, *batch, 0.0)
-                except Exception as exc:  # the broker is gone: fail what waited on it
-                    self._fail_all(batch, exc)
+                except Exception as exc:
+                    if await self._survivable(exc):
+                        self._requeue(batch)
+                        await asyncio.sleep(RETRY_PAUSE)
+                        self._wake.set()
+                        continue
+                    self._fail_all(batch, exc)  # the broker is gone: fail what waited
                     continue
                 self._handle(reply)
             if self._waiting and not self._polling:
@@ -382,7 +428,18 @@ class Client:
         try:
             while self._waiting and not self._closed:
                 self.calls["poll"] += 1
-                reply = await self.broker.exchange.remote(self.id, [], [], [], [], POLL_WAIT)
+                # Just after a failed call, a short answer: it says whether the actor was
+                # restarted, and the client then submits again what it waits for.
+                wait = 0.0 if self._resync else POLL_WAIT
+                try:
+                    reply = await self.broker.exchange.remote(
+                        self.id, [], [], [], [], wait, self._life
+                    )
+                except Exception as exc:
+                    if await self._survivable(exc):
+                        await asyncio.sleep(RETRY_PAUSE)
+                        continue
+                    raise
                 self._handle(reply)
         except Exception as exc:
             for fut in self._waiting.values():
@@ -394,37 +451,74 @@ class Client:
             self._polling = False
 
     def _handle(self, reply: Reply) -> None:
-        grants, released, failed = reply
+        grants, released, failed, refreshed, life = reply
+        self._broken_since = None
+        restarted = self._life is not None and life != self._life
+        self._life = life
         for action_id, wire, err, msg in grants:
             fut = self._waiting.pop(action_id, None)
             action = self._actions.pop(action_id, None)
+            resent = action_id in self._resent
+            self._resent.discard(action_id)
+            if wire is not None and self._dupes.get(action_id) == wire[0]:
+                del self._dupes[action_id]  # the second delivery of a grant already given
+                continue
+            if wire is not None and resent and fut is not None and not fut.done():
+                self._dupes[action_id] = wire[0]
+                if len(self._dupes) > DUPES_KEPT:
+                    del self._dupes[next(iter(self._dupes))]
             if wire is not None and (fut is None or fut.done() or action is None):
                 # Its caller gave up (timeout, cancellation): give the grant back.
                 self._releases.append((wire[0], "abandoned", None))
+                self._release_args[wire[0]] = ("abandoned", None)
                 self._releasing[wire[0]] = asyncio.get_running_loop().create_future()
                 self._kick()
                 continue
             if fut is None or fut.done() or action is None:
                 continue
             if wire is not None:
-                lease_id, token, alloc, ttl, key = wire
+                lease_id, token, alloc, ttl, key, grant = wire
                 action.key = key  # the broker may have inferred it
                 # Times on this process's monotonic clock (the broker's is not ours).
                 now = time.monotonic()
-                fut.set_result(Lease(lease_id, action, token, alloc, now, now + ttl, ttl))
+                lease = Lease(lease_id, action, token, alloc, now, now + ttl, ttl)
+                lease.grant = grant
+                fut.set_result(lease)
             else:
                 fut.set_exception(_error(err, msg))
         for lease_id, err, msg in released:
+            resent = lease_id in self._resent_releases
+            self._resent_releases.discard(lease_id)
+            if _ERRORS.get(err or "") is Unavailable and lease_id in self._release_args:
+                # Done, but not durable yet: ask again until the journal has it.
+                asyncio.get_running_loop().call_later(RETRY_RELEASE, self._resend_release, lease_id)
+                continue
+            self._release_args.pop(lease_id, None)
             rfut = self._releasing.pop(lease_id, None)
             if rfut is not None and not rfut.done():
-                if err is None:
+                if err is None or (resent and err == "UnknownLease"):
+                    # A release sent again after a failed call that the broker had
+                    # already applied (or a broker without a journal that forgot the
+                    # lease): either way it is gone and its units are free.
                     rfut.set_result(None)
                 else:
                     rfut.set_exception(_error(err, msg))
                     rfut.exception()  # retrieved: an abandoned release may have no reader
         for lease_id, err, msg in failed:
+            if _ERRORS.get(err or "") is Unavailable:
+                continue  # renewed but not durable yet: the next heartbeat tries again
+            self._held_leases.pop(lease_id, None)
             if self._held.pop(lease_id, None) is not None:
                 self._lost[lease_id] = _error(err, msg)
+        for lease_id, grant in refreshed:
+            held = self._held_leases.get(lease_id)
+            if held is not None and (held.grant is None or grant.expires > held.grant.expires):
+                held.grant = grant
+        if restarted:
+            self.restarts += 1
+        if restarted or self._resync:
+            self._resync = False
+            self._resubmit()
 
     def _fail_all(self, batch: tuple[list[Any], ...], exc: BaseException) -> None:
         submits, releases, _, _ = batch
@@ -435,10 +529,66 @@ class Client:
             if fut is not None and not fut.done():
                 fut.set_exception(error)
         for lease_id, _, _ in releases:
+            self._release_args.pop(lease_id, None)
             rfut = self._releasing.pop(lease_id, None)
             if rfut is not None and not rfut.done():
                 rfut.set_exception(error)
                 rfut.exception()
+
+    async def _survivable(self, exc: BaseException) -> bool:
+        """Whether a failed broker call is worth sending again: the actor is restarting
+        (Ray answers calls in flight with ``ActorUnavailableError``) and has not been
+        unreachable for longer than ``reconnect`` seconds."""
+        if self._closed or not isinstance(exc, RayActorError):
+            return False
+        now = time.monotonic()
+        if self._broken_since is None:
+            self._broken_since = now
+        elif now - self._broken_since > self.reconnect:
+            return False
+        if not isinstance(exc, ActorUnavailableError):
+            # ActorDiedError: dead for good (killed, out of restarts), unless its name
+            # still resolves, which it does while Ray restarts it.
+            try:
+                ray.get_actor(self.name, namespace=self.namespace)
+            except ValueError:
+                return False
+        self._resync = True
+        return True
+
+    def _requeue(self, batch: tuple[list[Any], ...]) -> None:
+        """Put a failed call's batch back in the outbox. The broker may have applied
+        it before it died: submissions attach to what it restored, a release it
+        already made answers UnknownLease, heartbeats are harmless twice."""
+        submits, releases, beats, cancels = batch
+        self._submits[:0] = [a for a in submits if a.id in self._waiting]
+        self._releases[:0] = releases
+        self._resent_releases.update(lease_id for lease_id, _, _ in releases)
+        self._beats[:0] = [i for i in beats if i in self._held]
+        self._cancels[:0] = cancels
+
+    def _resubmit(self) -> None:
+        """Submit every action still waited for again (same ids): after a restart the
+        broker has them from its journal and the submission attaches to them; after a
+        failed call whose reply may have carried a grant, it delivers that grant again."""
+        outbox = {a.id for a in self._submits}
+        for action_id, fut in self._waiting.items():
+            action = self._actions.get(action_id)
+            if fut.done() or action is None:
+                continue
+            self._resent.add(action_id)
+            if action_id not in outbox:
+                self._submits.append(action)
+        # Restored leases kept counting down while the actor was away: renew them now.
+        self._beats = list(dict.fromkeys([*self._beats, *self._held]))
+        self._kick()
+
+    def _resend_release(self, lease_id: str) -> None:
+        args = self._release_args.get(lease_id)
+        if args is None or self._closed:
+            return
+        self._releases.append((lease_id, *args))
+        self._kick()
 
     async def _beat(self) -> None:
         while self._held and not self._closed:

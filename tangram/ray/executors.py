@@ -4,6 +4,11 @@ A CPU pool's node ``n`` gets a ``SandboxActor`` named ``<broker>.sandbox.<pool>.
 GPU pool's node gets a ``ServiceActor`` named ``<broker>.service.<pool>.<n>``. Clients
 find them by those names from the lease's allocation (pool and node), so no lookup goes
 through the broker on the hot path.
+
+Every executor gets the broker's fencing key as a constructor argument (Ray runs a
+restarted actor's constructor again with the same arguments, so a restarted executor
+still checks grants) and refuses calls without a valid signed grant for exactly its
+units; there is no unfenced mode behind a broker.
 """
 
 from __future__ import annotations
@@ -17,19 +22,26 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tangram.config import Config, CpuPoolConfig, GpuPoolConfig
+from tangram.executors.fencing import SignedGrant, key_id
 from tangram.executors.sandbox import Command, CommandResult, SandboxRunner
 from tangram.executors.service import ServiceHost, ServiceResult, ServiceSpec
+from tangram.spec import TangramError
 
 
 class PlacementError(ValueError):
     """A pool node cannot be matched to a Ray node; the message says how to fix it."""
 
 
+class FencingKeyMismatch(TangramError):
+    """An executor already running holds another fencing key than the broker's."""
+
+
 class SandboxActor:
     """A ``SandboxRunner`` on one node (wrapped with ``ray.remote`` when started)."""
 
-    def __init__(self, root: str, node: str, isolate: bool = True) -> None:
-        self.runner = SandboxRunner(root, node, isolate=isolate)
+    def __init__(self, root: str, node: str, isolate: bool, fencing_key: bytes, pool: str) -> None:
+        self.runner = SandboxRunner(root, node, isolate=isolate, pool=pool, fencing_key=fencing_key)
+        self.key_id = key_id(fencing_key)
 
     async def run(
         self,
@@ -37,9 +49,9 @@ class SandboxActor:
         cmd: Command,
         cores: Sequence[int],
         dop: int,
-        token: int | None = None,
+        grant: SignedGrant | None = None,
     ) -> CommandResult:
-        result = await self.runner.run(trajectory, cmd, cores, dop, token)
+        result = await self.runner.run(trajectory, cmd, cores, dop, grant)
         result.extra["ray_node"] = ray.get_runtime_context().get_node_id()
         result.extra["executor_pid"] = os.getpid()
         return result
@@ -58,14 +70,23 @@ class SandboxActor:
             "root": str(self.runner.root),
             "running": len(self.runner.running),
             "isolated": self.runner.isolate,
+            "key_id": self.key_id,
         }
 
 
 class ServiceActor:
     """A ``ServiceHost`` on one GPU node; services are loaded at start-up."""
 
-    def __init__(self, node: str, device_kind: str, services: Sequence[ServiceSpec]) -> None:
-        self.host = ServiceHost(node, device_kind)
+    def __init__(
+        self,
+        node: str,
+        device_kind: str,
+        services: Sequence[ServiceSpec],
+        fencing_key: bytes,
+        pool: str,
+    ) -> None:
+        self.host = ServiceHost(node, device_kind, pool=pool, fencing_key=fencing_key)
+        self.key_id = key_id(fencing_key)
         for spec in services:
             self.host.register(spec)
 
@@ -75,9 +96,9 @@ class ServiceActor:
         units: Sequence[int],
         evicts: Sequence[str],
         payload: Any,
-        token: int | None = None,
+        grant: SignedGrant | None = None,
     ) -> ServiceResult:
-        return await self.host.run(service, units, evicts, payload, token)
+        return await self.host.run(service, units, evicts, payload, grant)
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -86,6 +107,7 @@ class ServiceActor:
             "pid": os.getpid(),
             "services": sorted(self.host.specs),
             "resident": sorted(f"{s}/tp{k}:{u}" for s, k, u in self.host.resident),
+            "key_id": self.key_id,
         }
 
 
@@ -134,6 +156,7 @@ def start_executors(
     *,
     broker: str,
     namespace: str,
+    fencing_key: bytes,
     services: Iterable[ServiceSpec] = (),
     placement: Mapping[str, str] | None = None,
     sandbox_root: str | None = None,
@@ -142,8 +165,9 @@ def start_executors(
     max_restarts: int = 3,
     detached: bool = True,
 ) -> list[Any]:
-    """Start (or find) one executor actor per CPU and GPU pool node; wait until each
-    answers. Returns their handles."""
+    """Start (or find) one executor actor per CPU and GPU pool node, each checking grants
+    with ``fencing_key``; wait until each answers. Returns their handles. Raises
+    ``FencingKeyMismatch`` when an executor found running holds another key."""
     nodes = alive_nodes()
     specs = list(services)
     root = sandbox_root or os.path.join(tempfile.gettempdir(), "tangram-sandbox", broker)
@@ -162,7 +186,7 @@ def start_executors(
                 )
                 started.append(
                     cls.options(**opts).remote(
-                        os.path.join(root, pool, node), node, sandbox_isolate
+                        os.path.join(root, pool, node), node, sandbox_isolate, fencing_key, pool
                     )
                 )
         elif isinstance(pc, GpuPoolConfig):
@@ -178,8 +202,21 @@ def start_executors(
                 )
                 if device_kind == "cuda":
                     opts["num_gpus"] = gnode.gpus
-                started.append(cls.options(**opts).remote(node, device_kind, specs))
-    ray.get([h.info.remote() for h in started])
+                started.append(
+                    cls.options(**opts).remote(node, device_kind, specs, fencing_key, pool)
+                )
+    infos = ray.get([h.info.remote() for h in started])
+    # ``get_if_exists`` hands back an executor that outlived an earlier broker: with
+    # another key it would refuse every grant of this one, so say so now.
+    want = key_id(fencing_key)
+    stale = [str(i["node"]) for i in infos if i.get("key_id") != want]
+    if stale:
+        raise FencingKeyMismatch(
+            f"executors of nodes {stale} already run with another fencing key (key id "
+            f"{want} expected): they were started for an earlier broker of this name; stop "
+            "them (tangram.ray.stop_broker) or start the broker with their key "
+            "(fencing_key=, or TANGRAM_FENCING_KEY)"
+        )
     return started
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -14,7 +13,7 @@ from starlette.routing import Route
 
 from tangram.broker import Broker
 from tangram.config import Config, Tenant
-from tangram.server import observe, openapi, parse, problems
+from tangram.server import limits, observe, openapi, parse, problems
 from tangram.server.models import (
     MAX_NAME,
     ActionIn,
@@ -43,6 +42,10 @@ Wait = Annotated[
     ),
 ]
 Id = Annotated[str, Path(min_length=1, max_length=MAX_NAME)]
+TrajectoryId = Annotated[
+    str, Path(min_length=1, max_length=MAX_NAME, description="percent-encode every reserved "
+              "character, '/' and '.' included")
+]  # fmt: skip
 
 
 def create_app(
@@ -63,9 +66,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        for lease in svc.broker.restored:  # leases granted before a restart
-            svc.registry.adopt(lease, loop.create_future())
+        svc.adopt_restored()
         yield
         if svc.owns_broker:
             await svc.broker.close()
@@ -81,6 +82,7 @@ def create_app(
     )
     app.state.service = svc
     problems.install(app)
+    limits.install(app, svc.settings)  # inside observe: its metrics count the 413s
     observe.install(app, svc.broker)
     auth = (401,) if svc.tenants else ()
 
@@ -91,7 +93,7 @@ def create_app(
         responses={
             200: {"description": "granted (or ended already, for a retried submit)"},
             202: {"model": ActionOut, "description": "queued; poll GET /v1/actions/{id}"},
-            **error_responses(*auth, 409, 422, 429),
+            **error_responses(*auth, 409, 422, 429, 503),
         },
         openapi_extra={
             "parameters": [parse.WAIT_PARAM, parse.KEY_PARAM],
@@ -105,19 +107,21 @@ def create_app(
         wait = parse.wait(request)
         idempotency_key = parse.idempotency_key(request)
         reg = svc.registry
+        fingerprint = None
         if idempotency_key is not None:
+            fingerprint = parse.fingerprint(body)
             old = reg.by_key.get((tenant, idempotency_key))
             if old is not None:
-                # The validated bodies compare equal whatever the key order or spacing.
-                # (A lease restored after a restart kept its key but not its body.)
-                if old.body is not None and old.body != body:
+                # The validated bodies compare equal whatever the key order or spacing;
+                # the journal keeps the fingerprint, so this holds across restarts.
+                if old.action.fingerprint != fingerprint:
                     raise Problem(
                         409,
                         f"Idempotency-Key {idempotency_key!r} was used for a different "
                         f"action ({old.action.id}); use a new key for a new action",
                         kind="idempotency-key-reused",
                     )
-                return await svc.answer(old, wait, 202)
+                return await svc.answer(old, wait, 202, durable=True)
         bound = svc.bound(tenant)
         if reg.queued[tenant] >= bound:
             after = svc.settings.retry_after_seconds
@@ -129,11 +133,13 @@ def create_app(
                 headers={"Retry-After": str(after)},
             )
         action = to_action(body, tenant, idempotency_key)
+        action.fingerprint = fingerprint
         fut = svc.broker.submit_nowait(action)  # InvalidAction: 422, nothing queued
         key = (tenant, idempotency_key) if idempotency_key is not None else None
-        rec = Record(action, tenant, body.trajectory, fut, key, body if key else None)
+        rec = Record(action, tenant, body.trajectory, fut, key)
         reg.add(rec)
-        return await svc.answer(rec, wait, 202)
+        # Durable before acknowledged: the id answered here survives a restart.
+        return await svc.answer(rec, wait, 202, durable=True)
 
     @app.get(
         "/v1/actions/{action_id}",
@@ -149,13 +155,14 @@ def create_app(
         "/v1/actions/{action_id}",
         response_model=ActionOut,
         summary="Cancel a queued action",
-        responses=error_responses(*auth, 404, 409, 422),
+        responses=error_responses(*auth, 404, 409, 422, 503),
     )
     async def cancel_action(request: Request, action_id: Id) -> Response:
         rec = svc.record(action_id, svc.tenant(request))
         if rec.state == "queued":
             svc.broker.cancel(action_id)
             svc.registry.settle(rec)
+        await svc.broker.sync()  # also for a retry: the first answer may have been a 503
         if rec.state != "cancelled":
             lease = rec.lease.id if rec.lease is not None else "?"
             raise Problem(
@@ -170,20 +177,22 @@ def create_app(
         "/v1/leases/{lease_id}/heartbeat",
         response_model=LeaseStateOut,
         summary="Extend a lease's TTL",
-        responses=error_responses(*auth, 404, 409, 410, 422),
+        responses=error_responses(*auth, 404, 409, 410, 422, 503),
     )
     async def heartbeat(
         request: Request, lease_id: Id, body: HeartbeatIn | None = None
     ) -> Response:
         rec = svc.lease_record(lease_id, svc.tenant(request))
+        svc.check_holder(rec, body.fencing_token if body is not None else None)
         svc.broker.heartbeat(lease_id, body.ttl if body is not None else None)
+        await svc.broker.sync()  # the new deadline survives a restart
         return respond(lease_state_json(rec, svc.wall))
 
     @app.post(
         "/v1/leases/{lease_id}/release",
         response_model=LeaseStateOut,
         summary="Release a lease (idempotent)",
-        responses=error_responses(*auth, 404, 410, 422),
+        responses=error_responses(*auth, 404, 409, 410, 422, 503),
         openapi_extra={"requestBody": parse.body_spec(ReleaseIn, required=False)},
     )
     async def release(request: Request, lease_id: Id) -> Response:
@@ -191,22 +200,26 @@ def create_app(
         body = await parse.body(request, ReleaseIn, required=False)
         outcome, usage = "ok", None
         if body is not None:
+            svc.check_holder(rec, body.fencing_token)
             outcome = body.outcome
             if body.usage is not None and body.usage.tokens is not None:
                 usage = {"tokens": body.usage.tokens}
         svc.broker.release(lease_id, outcome, usage)  # None when released before: fine
+        await svc.broker.sync()  # a release answered 200 never comes back as live
         return respond(lease_state_json(rec, svc.wall))
 
     @app.post(
-        "/v1/trajectories/{trajectory_id}/close",
+        # ":path": a trajectory id may hold "/" (sent percent-encoded, as the clients do).
+        "/v1/trajectories/{trajectory_id:path}/close",
         response_model=CloseOut,
         summary="Close a trajectory: free its pinned memory, cancel its queued actions",
-        responses=error_responses(*auth, 422),
+        responses=error_responses(*auth, 422, 503),
     )
-    async def close_trajectory(request: Request, trajectory_id: Id) -> Response:
+    async def close_trajectory(request: Request, trajectory_id: TrajectoryId) -> Response:
         tenant = svc.tenant(request)
         traj = trajectory_id if tenant is None else f"{tenant}/{trajectory_id}"
         n = svc.broker.close_trajectory(traj)
+        await svc.broker.sync()
         return respond({"trajectory": trajectory_id, "cancelled": n})
 
     @app.get(

@@ -47,17 +47,30 @@ def serve(
             "serve.json (address and pid of the running server)",
         ),
     ] = None,
+    durability: Annotated[
+        str | None,
+        typer.Option(
+            help="with --data-dir: 'normal' survives a crash of this process, 'full' also "
+            "a crash of the machine (an fsync per commit); default: the configuration's",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level")] = "warning",
 ) -> None:
     """Serve the HTTP lease API (FastAPI under uvicorn) for the configured pools."""
     # Imported here so that `tangram --help` stays fast.
+    from tangram.journal import JournalError
     from tangram.server.app import create_app
+    from tangram.server.limits import ConnectionLimits, raise_open_file_limit
     from tangram.server.run import bind, is_loopback, url_of, uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         cfg = load_config(config) if config is not None else default_config()
         tenants = cfg.tenants()
+        if durability is not None:
+            if durability not in ("normal", "full"):
+                raise ConfigError(f"--durability must be normal or full, got {durability!r}")
+            cfg = cfg.model_copy(update={"durability": durability})
     except (ConfigError, OSError) as exc:
         typer.echo(f"tangram serve: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -81,11 +94,23 @@ def serve(
         if info is not None:
             info.unlink(missing_ok=True)
 
-    app = create_app(cfg, tenants, data_dir=data_dir, on_stop=forget)
+    try:
+        app = create_app(cfg, tenants, data_dir=data_dir, on_stop=forget)
+    except JournalError as exc:  # refused now, not at the first grant
+        typer.echo(f"tangram serve: {exc}", err=True)
+        raise typer.Exit(2) from None
     who = f"{len(tenants)} tenants" if tenants else "no tenants (loopback only)"
+    files = raise_open_file_limit()
+    limits = ConnectionLimits.plan(cfg.server)
+    lowered = (
+        f"; max_connections {limits.lowered_from} lowered to {limits.max_connections} "
+        f"by the open-file limit ({files}; raise ulimit -n)"
+        if limits.lowered_from is not None
+        else ""
+    )
     log.info(
         "tangram serve: lease API on %s for pools %s; policy %s, lease TTL %gs, %s; "
-        "config %s; docs at %s/docs",
+        "config %s; docs at %s/docs%s",
         url,
         describe(cfg),
         cfg.policy,
@@ -93,12 +118,14 @@ def serve(
         who,
         config or "embedded defaults",
         url,
+        lowered,
     )
     if info is not None:
         info.parent.mkdir(parents=True, exist_ok=True)
         info.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     try:
-        uvicorn.Server(uvicorn_config(app, log_level=log_level)).run(sockets=[sock])
+        server_config = uvicorn_config(app, log_level=log_level, limits=limits)
+        uvicorn.Server(server_config).run(sockets=[sock])
     finally:
         sock.close()
         forget()

@@ -109,15 +109,23 @@ class UsageIn(BaseModel):
     tokens: Tokens | None = None
 
 
+HOLDER = (
+    "the lease's fencing token, as granted: when given, a call from a caller that does "
+    "not hold the lease (another token) answers 409 and changes nothing"
+)
+
+
 class ReleaseIn(_In):
     outcome: Literal["ok", "error"] = "ok"
     usage: UsageIn | None = None
+    fencing_token: int | None = Field(None, ge=0, description=HOLDER)
 
 
 class HeartbeatIn(_In):
     ttl: float | None = Field(
         None, gt=0, le=86400, allow_inf_nan=False, description="new TTL in seconds"
     )
+    fencing_token: int | None = Field(None, ge=0, description=HOLDER)
 
 
 # --------------------------------------------------------------------------- responses

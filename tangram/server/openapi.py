@@ -25,6 +25,8 @@ _WHY = {
     410: "the lease expired; its units were taken back",
     422: "invalid request, or an action that can never be granted",
     429: "too many queued actions for this tenant; retry after Retry-After seconds",
+    503: "the broker cannot make changes durable now (its journal cannot write); nothing "
+    "was changed; retry after Retry-After seconds",
 }
 
 

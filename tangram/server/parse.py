@@ -8,6 +8,7 @@ same problem answers (the schemathesis test holds them to it).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
@@ -41,6 +42,12 @@ async def body(request: Request, model: type[M], *, required: bool) -> M | None:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise Problem(422, _detail(exc, "body")) from None
+
+
+def fingerprint(body: BaseModel) -> str:
+    """A digest of a validated request: equal for equal requests whatever their key order
+    or spacing (the model dumps its fields in declaration order)."""
+    return hashlib.blake2b(body.model_dump_json().encode(), digest_size=16).hexdigest()
 
 
 def wait(request: Request) -> float:

@@ -18,6 +18,7 @@ from tangram.spec import (
     LeaseReleased,
     QueueFull,
     TangramError,
+    Unavailable,
     UnknownLease,
 )
 
@@ -79,6 +80,9 @@ def from_tangram(exc: TangramError) -> Problem:
         return Problem(409, str(exc), kind="lease-released")
     if isinstance(exc, UnknownLease):
         return Problem(404, str(exc))
+    if isinstance(exc, Unavailable):
+        after = max(1, round(exc.retry_after))
+        return Problem(503, str(exc), headers={"Retry-After": str(after)})
     if isinstance(exc, QueueFull):
         after = max(1, round(exc.retry_after))
         return Problem(429, str(exc), headers={"Retry-After": str(after)})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from tangram.spec import Action, Lease
 
@@ -25,7 +24,6 @@ class Record:
     trajectory: str  # as the client wrote it (the broker's is namespaced by tenant)
     future: asyncio.Future[Lease]
     idem: tuple[str | None, str] | None = None
-    body: Any = None  # the validated request, kept with an idempotency key for retries
     lease: Lease | None = None
     cancelled: bool = False
     ended: bool = False
@@ -115,6 +113,18 @@ class Registry:
         self.by_lease[lease.id] = rec
         if idem is not None:  # a retried submit finds the lease it was granted
             self.by_key[idem] = rec
+        if lease.state != "active":
+            self.end(rec)
+        return rec
+
+    def adopt_queued(self, action: Action, future: asyncio.Future[Lease]) -> Record:
+        """A record for an action that was queued before a restart: its client's polls
+        find it under the same id, and a retried submit under its key."""
+        prefix = f"{action.tenant}/" if action.tenant is not None else ""
+        traj = action.trajectory.removeprefix(prefix)
+        idem = (action.tenant, action.idempotency_key) if action.idempotency_key else None
+        rec = Record(action, action.tenant, traj, future, idem)
+        self.add(rec)
         return rec
 
     def by_lease_id(self, lease_id: str, tenant: str | None) -> Record | None:

@@ -12,25 +12,57 @@ from typing import Any
 
 import uvicorn
 
+from tangram.config import ServerConfig
+from tangram.server.limits import ConnectionLimits, protocol_class, raise_open_file_limit
+
 
 def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def uvicorn_config(app: Any, *, log_level: str = "warning") -> uvicorn.Config:
+# Seconds a shutdown waits for running requests; then uvicorn cancels them (a long poll is
+# answered 503). A lease cycle's requests take milliseconds; long polls would hold a
+# SIGTERM for up to max_wait_seconds.
+GRACEFUL_SHUTDOWN_SECONDS = 1
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    log_level: str = "warning",
+    settings: ServerConfig | None = None,
+    limits: ConnectionLimits | None = None,
+) -> uvicorn.Config:
     """One worker (the broker's state lives in this process), the C event loop and
-    parser when installed, no access log (it costs more than a lease cycle)."""
+    parser when installed, no access log (it costs more than a lease cycle). Connections
+    are bounded (limits.py) by ``limits``, or else as ``settings`` say under the present
+    open-file limit; ``settings`` default to the app's own (see create_app)."""
+    if limits is None:
+        limits = ConnectionLimits.plan(settings if settings is not None else app_settings(app))
     return uvicorn.Config(
         app,
         loop="uvloop" if _have("uvloop") else "asyncio",
-        http="httptools" if _have("httptools") else "h11",
+        http=protocol_class(limits, httptools=_have("httptools")),
         lifespan="on",
+        # No WebSocket routes: an upgrade request is served as a plain request.
+        ws="none",
         access_log=False,
         log_level=log_level,
         # Longer than httpx's 5 s keep-alive expiry: the client closes idle connections
         # first, so it never reuses one the server is closing at that very moment.
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        backlog=limits.backlog,
+        h11_max_incomplete_event_size=limits.max_head_bytes,
     )
+
+
+def app_settings(app: Any) -> ServerConfig:
+    """The ServerConfig an app from create_app serves with; defaults for any other app."""
+    state = getattr(app, "state", None)
+    service = getattr(state, "service", None) if state is not None else None
+    settings = getattr(service, "settings", None)
+    return settings if isinstance(settings, ServerConfig) else ServerConfig.model_validate({})
 
 
 def is_loopback(host: str) -> bool:
@@ -69,12 +101,22 @@ def url_of(sock: socket.socket) -> str:
 
 class LiveServer:
     """``with LiveServer(app) as url:`` serves ``app`` with uvicorn in a thread on a free
-    loopback port, and stops it on exit."""
+    loopback port, and stops it on exit (within about 1.2 s, long polls open or not).
+    ``settings`` default to the app's own; the process's open-file limit is raised, as
+    ``tangram serve`` does."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        settings: ServerConfig | None = None,
+    ) -> None:
+        raise_open_file_limit()
         self.sock = bind(host, port)
         self.url = url_of(self.sock)
-        self.server = uvicorn.Server(uvicorn_config(app))
+        self.server = uvicorn.Server(uvicorn_config(app, settings=settings))
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

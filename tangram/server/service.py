@@ -42,6 +42,20 @@ class Service:
         self.wall = time.time() - self.broker.clock()
         self.broker.subscribe(self._on_event)
 
+    def adopt_restored(self) -> None:
+        """Records for what the broker restored from its journal, so clients find their
+        actions and leases under the same ids after a restart: leases live or ended (a
+        retried release of an ended one is answered as released, not as unknown) and
+        queued actions. Runs on the broker's event loop, before the first request."""
+        loop = asyncio.get_running_loop()
+        for lease in (*self.broker.ended_restored, *self.broker.restored):
+            if lease.action.id not in self.registry.actions:
+                self.registry.adopt(lease, loop.create_future())
+        for action in self.broker.requeued:
+            fut = self.broker.follow(action.id)
+            if fut is not None and action.id not in self.registry.actions:
+                self.registry.adopt_queued(action, fut)
+
     def _on_event(self, kind: str, obj: Any) -> None:
         if kind in ("release", "expire") and isinstance(obj, Lease):
             rec = self.registry.by_lease.get(obj.id)
@@ -74,13 +88,19 @@ class Service:
         t = self.tenants.get(tenant) if tenant is not None else None
         return t.max_queued if t is not None else self.settings.max_queued
 
-    async def answer(self, rec: Record, wait: float, queued_status: int) -> Response:
-        """The record as JSON, after holding the request up to ``wait`` s while queued."""
+    async def answer(
+        self, rec: Record, wait: float, queued_status: int, *, durable: bool = False
+    ) -> Response:
+        """The record as JSON, after holding the request up to ``wait`` s while queued.
+        ``durable``: the answer acknowledges a change, so it waits until the journal has
+        it (a grant is durable before its future resolves; a queued action may not be)."""
         fut = rec.future
         if wait > 0 and not fut.done():
             # asyncio.wait never cancels the future: the action stays queued after a
             # timeout (cancelling it would make the broker drop a racing grant).
             await asyncio.wait((fut,), timeout=min(wait, self.settings.max_wait_seconds))
+        if durable and not fut.done():
+            await self.broker.sync()
         self.registry.settle(rec)
         status = queued_status if rec.state == "queued" else 200
         return respond(action_json(rec, self.wall), status)
@@ -90,6 +110,19 @@ class Service:
         if rec is None:
             raise Problem(404, f"no action {action_id!r}" + _for(tenant))
         return rec
+
+    def check_holder(self, rec: Record, fencing_token: int | None) -> None:
+        """A caller that names the lease's fencing token must name the right one: a
+        stale holder's call changes nothing. (The lease id itself is random and only
+        ever sent to the holder.)"""
+        lease = rec.lease
+        if fencing_token is not None and lease is not None and lease.fencing_token != fencing_token:
+            raise Problem(
+                409,
+                f"lease {lease.id!r} has another fencing token than {fencing_token}: this "
+                "caller does not hold it; nothing was changed",
+                kind="not-holder",
+            )
 
     def lease_record(self, lease_id: str, tenant: str | None) -> Record:
         rec = self.registry.by_lease_id(lease_id, tenant)

@@ -17,7 +17,7 @@ from typing import Any
 from tangram.core.managers.base import Manager
 from tangram.core.managers.quota import QuotaManager
 from tangram.core.policy import Policy
-from tangram.core.state import Core
+from tangram.core.state import Core, counting_ids
 from tangram.sim.engine import ActionRun, Runner
 from tangram.sim.provider import Provider
 from tangram.spec import Action, InvalidAction
@@ -72,6 +72,7 @@ class CoreExecutor:
             lease_ttl=SIM_LEASE_TTL,
             cost_clock=time.perf_counter if measure else None,
             start=0.0,
+            ids=counting_ids(),  # a run repeats exactly
         )
         self.check = check
         self._dirty = False

@@ -148,8 +148,10 @@ class Manager(ABC):
         release can."""
         return None
 
-    def close_trajectory(self, trajectory: str) -> None:
-        """Forget what the trajectory holds between actions (pins, reserved memory)."""
+    def close_trajectory(self, trajectory: str) -> str | None:
+        """Forget what the trajectory holds between actions (pins, reserved memory);
+        return the node it was pinned to, if it was (its sandbox directory is there)."""
+        return None
 
     # ---- capacity and accounting ------------------------------------------------------
     @abstractmethod

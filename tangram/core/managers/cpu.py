@@ -189,10 +189,12 @@ class CpuManager(Manager):
         if alloc.pinned:
             self.close_trajectory(action.trajectory)
 
-    def close_trajectory(self, trajectory: str) -> None:
+    def close_trajectory(self, trajectory: str) -> str | None:
         pin = self.pins.pop(trajectory, None)
-        if pin is not None:
-            self.nodes[pin[0]].memory_free += pin[1]
+        if pin is None:
+            return None
+        self.nodes[pin[0]].memory_free += pin[1]
+        return pin[0]
 
     # ---- capacity ---------------------------------------------------------------------
     def usage(self) -> dict[str, tuple[int, int]]:
