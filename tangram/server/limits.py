@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from starlette.requests import ClientDisconnect
 
@@ -274,30 +274,48 @@ def protocol_class(limits: ConnectionLimits, *, httptools: bool) -> type[asyncio
     return _httptools_protocol(limits) if httptools else _h11_protocol(limits)
 
 
+class _Guarded:
+    """What both protocols share: a ``_Guard`` that sees the connection open, close,
+    answer and drain. Mixed in before uvicorn's protocol class; ``limits`` is set on
+    the class that ``protocol_class`` makes."""
+
+    limits: ConnectionLimits
+    guard: _Guard
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)  # type: ignore[call-arg]
+        self.guard = _Guard(cast(_Conn, self), self.limits, _table(server_state))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.guard.opened()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # type: ignore[misc]
+        self.guard.lost()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self.guard.responded()
+
+    def shutdown(self) -> None:
+        self.guard.draining()
+        super().shutdown()  # type: ignore[misc]
+
+
 def _httptools_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        def __init__(
-            self,
-            config: Any,
-            server_state: ServerState,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            super().__init__(config, server_state, app_state, _loop)
-            self.guard = _Guard(self, limits, _table(server_state))
-            # From a request's first byte to the end of its headers, and of its body.
-            self.in_head = False
-            self.in_message = False
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.guard.opened()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            super().connection_lost(exc)
-            self.guard.lost()
+    class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):
+        # From a request's first byte to the end of its headers, and of its body.
+        in_head = False
+        in_message = False
 
         def data_received(self, data: bytes) -> None:
             before, was_in_head = self.cycle, self.in_head
@@ -319,14 +337,7 @@ def _httptools_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             self.in_message = False
             super().on_message_complete()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.guard.responded()
-
-        def shutdown(self) -> None:
-            self.guard.draining()
-            super().shutdown()
-
+    GuardedHttpToolsProtocol.limits = limits
     return GuardedHttpToolsProtocol
 
 
@@ -334,25 +345,7 @@ def _h11_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):
-        def __init__(
-            self,
-            config: Any,
-            server_state: ServerState,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            super().__init__(config, server_state, app_state, _loop)
-            self.guard = _Guard(self, limits, _table(server_state))
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.guard.opened()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            super().connection_lost(exc)
-            self.guard.lost()
-
+    class GuardedH11Protocol(_Guarded, H11Protocol):
         def data_received(self, data: bytes) -> None:
             before = self.cycle
             super().data_received(data)
@@ -365,14 +358,7 @@ def _h11_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             # h11 bounds the head itself (h11_max_incomplete_event_size): count nothing.
             self.guard.received(before, incomplete, 0)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.guard.responded()
-
-        def shutdown(self) -> None:
-            self.guard.draining()
-            super().shutdown()
-
+    GuardedH11Protocol.limits = limits
     return GuardedH11Protocol
 
 
