@@ -131,7 +131,7 @@ def main() -> int:
     ap.add_argument("--policy", default="tangram")
     args = ap.parse_args()
     policy = parse_policy(args.policy)
-    ref = Policy("min")
+    ref = Policy()
     results: dict[str, dict[str, float]] = {}
     cases = [("cpu256", CPU, cpu_action), ("gpu40", GPU, gpu_action)]
     print(f"one scheduling round, {args.queued} queued elastic actions, {args.reps} rounds each")

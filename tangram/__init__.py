@@ -14,6 +14,7 @@ from tangram.spec import (
     LeaseExpired,
     LeaseReleased,
     TangramError,
+    UnknownAction,
     UnknownLease,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "LeaseExpired",
     "LeaseReleased",
     "TangramError",
+    "UnknownAction",
     "UnknownLease",
 ]
 __version__ = "0.1.0"

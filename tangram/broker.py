@@ -228,6 +228,12 @@ class Broker:
         self._kick()
         return len(cancelled)
 
+    def observe(self, pool: str, what: str, key: str, value: float) -> None:
+        """Feed an executor's measurement into a pool's cost model (``Core.observe``);
+        the next round schedules with it."""
+        self.core.observe(pool, what, key, value, self.clock())
+        self._kick()
+
     def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot(self.clock())
 

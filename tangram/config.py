@@ -8,96 +8,48 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
+from tangram import kinds
 from tangram.core.managers.base import Manager
-from tangram.core.managers.cpu import CpuManager, CpuNode
-from tangram.core.managers.gpu import GpuManager, GpuNode, Service
-from tangram.core.managers.quota import QuotaManager
 from tangram.core.policy import Policy, parse_policy
+from tangram.kinds import build_pool
+from tangram.kinds.base import ConfigError, Strict
+from tangram.kinds.cpu import CpuNodeConfig, CpuPoolConfig
+from tangram.kinds.gpu import GpuNodeConfig, GpuPoolConfig, ServiceConfig
+from tangram.kinds.quota import QuotaPoolConfig, RateConfig, WindowConfig
+
+# The models of the built-in kinds live with their kinds (tangram.kinds); they are
+# named here too, where configuration code looks for them.
+__all__ = [
+    "Config", "ConfigError", "CpuNodeConfig", "CpuPoolConfig", "GpuNodeConfig",
+    "GpuPoolConfig", "PoolConfig", "QuotaPoolConfig", "RateConfig", "ServerConfig",
+    "ServiceConfig", "Tenant", "TenantConfig", "WindowConfig", "build_pool",
+    "default_config", "load_config", "parse_config",
+]  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """The configuration file is malformed; the message names the field."""
+def _pool_config() -> Any:
+    """A pool's configuration: the model of its ``kind``, from the registry."""
+    models = tuple(k.model for k in kinds.KINDS.values())
+    return Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+if TYPE_CHECKING:  # the built-in kinds; at run time, every registered one
+    PoolConfig = CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig
+else:
+    PoolConfig = _pool_config()
 
 
-class CpuNodeConfig(_Strict):
-    name: str | None = None
-    count: int = Field(1, ge=1, description="replicate this node COUNT times (names get -0, -1...)")
-    cores: int | list[int] = Field(..., description="core count, or the exact core ids")
-    numa: int | list[list[int]] = Field(1, description="NUMA group count, or the ids per group")
-    memory_gb: float = Field(..., ge=0)
-
-    @field_validator("cores")
-    @classmethod
-    def _cores(cls, v: int | list[int]) -> int | list[int]:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("a node needs at least one core")
-        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
-            raise ValueError("core ids must be a non-empty list without repeats")
-        return v
-
-
-class CpuPoolConfig(_Strict):
-    kind: Literal["cpu"]
-    nodes: list[CpuNodeConfig] = Field(..., min_length=1)
-
-
-class GpuNodeConfig(_Strict):
-    name: str | None = None
-    count: int = Field(1, ge=1)
-    gpus: int = Field(8, ge=1)
-    memory_gb: float = Field(80.0, gt=0, description="memory per GPU")
-
-
-class ServiceConfig(_Strict):
-    memory_gb: float = Field(..., gt=0, description="the model's whole footprint")
-    restore_seconds: float = Field(..., ge=0)
-    parallelism: list[int] = Field([1], min_length=1)
-
-
-class GpuPoolConfig(_Strict):
-    kind: Literal["gpu"]
-    nodes: list[GpuNodeConfig] = Field(..., min_length=1)
-    services: dict[str, ServiceConfig] = Field(default_factory=dict)
-
-
-class WindowConfig(_Strict):
-    limit: int = Field(..., ge=1)
-    seconds: float = Field(..., gt=0)
-
-
-class RateConfig(_Strict):
-    per_second: float | None = Field(None, gt=0)
-    per_minute: float | None = Field(None, gt=0)
-    burst: int | None = Field(None, ge=1)
-
-
-class QuotaPoolConfig(_Strict):
-    kind: Literal["quota"]
-    concurrency: int | None = Field(None, ge=1)
-    window: WindowConfig | None = None
-    rate: RateConfig | None = None
-    tokens_per_minute: int | None = Field(None, ge=1)
-    default_tokens: int = Field(0, ge=0)
-
-
-PoolConfig = Annotated[CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig, Field(discriminator="kind")]
-
-
-class TenantConfig(_Strict):
+class TenantConfig(Strict):
     token: str = Field(..., min_length=16, description="the tenant's bearer token")
     max_queued: int | None = Field(None, ge=1, description="bound on queued actions")
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     """Settings of ``tangram serve`` (the HTTP lease API); the in-process broker ignores them."""
 
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
@@ -176,7 +128,7 @@ class Tenant:
     max_queued: int
 
 
-class Config(_Strict):
+class Config(Strict):
     policy: str = "tangram"
     lease_ttl_seconds: float = Field(60.0, gt=0)
     max_queued_per_pool: int = Field(100_000, ge=1)
@@ -214,80 +166,14 @@ class Config(_Strict):
         return {name: build_pool(name, p) for name, p in self.pools.items()}
 
 
-def _node_names(base: str | None, default: str, count: int) -> list[str]:
-    root = base or default
-    return [root] if count == 1 else [f"{root}-{i}" for i in range(count)]
+def _kinds_changed() -> None:
+    # A kind registered after import (a plugin, a test) is accepted from now on.
+    pools: Any = dict[str, _pool_config()]  # type: ignore[misc]
+    Config.model_fields["pools"].annotation = pools
+    Config.model_rebuild(force=True)
 
 
-def build_pool(name: str, cfg: CpuPoolConfig | GpuPoolConfig | QuotaPoolConfig) -> Manager:
-    if isinstance(cfg, CpuPoolConfig):
-        nodes: list[CpuNode] = []
-        for i, nc in enumerate(cfg.nodes):
-            for node_name in _node_names(nc.name, f"{name}{i}", nc.count):
-                ids = list(range(nc.cores)) if isinstance(nc.cores, int) else list(nc.cores)
-                if isinstance(nc.numa, int):
-                    if nc.numa < 1 or nc.numa > len(ids):
-                        raise ConfigError(f"pool {name}: numa must be 1..{len(ids)}")
-                    # Exactly ``numa`` groups in core order, sizes differing by at most one.
-                    per, extra = divmod(len(ids), nc.numa)
-                    groups, at = [], 0
-                    for g in range(nc.numa):
-                        size = per + (1 if g < extra else 0)
-                        groups.append(ids[at : at + size])
-                        at += size
-                else:
-                    groups = [list(g) for g in nc.numa]
-                    flat = sorted(c for g in groups for c in g)
-                    if flat != sorted(ids):
-                        raise ConfigError(
-                            f"pool {name}, node {node_name}: NUMA groups must cover each core "
-                            "id exactly once"
-                        )
-                nodes.append(CpuNode(node_name, groups, nc.memory_gb))
-        _unique(name, [n.name for n in nodes])
-        return CpuManager(name, nodes)
-    if isinstance(cfg, GpuPoolConfig):
-        gnodes: list[GpuNode] = []
-        for i, gc in enumerate(cfg.nodes):
-            if gc.gpus & (gc.gpus - 1):
-                raise ConfigError(f"pool {name}: gpus per node must be a power of two")
-            for node_name in _node_names(gc.name, f"{name}{i}", gc.count):
-                gnodes.append(GpuNode(node_name, gc.gpus, gc.memory_gb))
-        _unique(name, [n.name for n in gnodes])
-        largest = max(n.gpus for n in gnodes)
-        services = []
-        for s, sc in cfg.services.items():
-            par = tuple(sorted(set(sc.parallelism)))
-            bad = [k for k in par if k < 1 or k & (k - 1) or k > largest]
-            if bad:
-                raise ConfigError(
-                    f"pool {name}: service {s} parallelism {bad} is not a GPU chunk size "
-                    f"(1, 2, 4... up to {largest})"
-                )
-            services.append(Service(s, sc.memory_gb, sc.restore_seconds, par))
-        return GpuManager(name, gnodes, services)
-    rate = None
-    burst = None
-    if cfg.rate is not None:
-        if (cfg.rate.per_second is None) == (cfg.rate.per_minute is None):
-            raise ConfigError(f"pool {name}: rate needs exactly one of per_second, per_minute")
-        rate = cfg.rate.per_second or (cfg.rate.per_minute or 0) / 60.0
-        burst = cfg.rate.burst
-    return QuotaManager(
-        name,
-        concurrency=cfg.concurrency,
-        window_limit=cfg.window.limit if cfg.window else None,
-        window_seconds=cfg.window.seconds if cfg.window else None,
-        rate_per_second=rate,
-        burst=burst,
-        tokens_per_minute=cfg.tokens_per_minute,
-        default_tokens=cfg.default_tokens,
-    )
-
-
-def _unique(pool: str, names: list[str]) -> None:
-    if len(set(names)) != len(names):
-        raise ConfigError(f"pool {pool}: node names must be unique, got {names}")
+kinds.on_register(_kinds_changed)
 
 
 def parse_config(data: Any) -> Config:

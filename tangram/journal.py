@@ -36,18 +36,12 @@ from typing import Any
 
 import orjson
 
+from tangram import wire
 from tangram.core.state import Core
-from tangram.spec import (
-    Action,
-    Allocation,
-    Demand,
-    InvalidAction,
-    Lease,
-    TangramError,
-    Unavailable,
-    efficiency_to_wire,
-    parse_efficiency,
-)
+from tangram.errors import JournalError as JournalError
+from tangram.errors import JournalUnavailable as JournalUnavailable
+from tangram.errors import WireError
+from tangram.spec import Action, InvalidAction, Lease
 
 log = logging.getLogger("tangram.journal")
 
@@ -77,15 +71,6 @@ PRUNE_EVERY = 1000  # commits between two prunes of ended leases
 # A mark that is gone while the database is not: tokens may have gone this far past
 # the database's record, so a restart continues above it.
 LOST_MARK_JUMP = 1 << 32
-
-
-class JournalError(TangramError):
-    """The journal cannot be opened or written (at start-up: the data directory)."""
-
-
-class JournalUnavailable(JournalError, Unavailable):
-    """A write failed (full disk, read-only file, locked database): the broker grants
-    nothing new and answers 503 until a write succeeds again."""
 
 
 @dataclass(slots=True)
@@ -385,16 +370,23 @@ class Journal:
             "SELECT body, expires_wall, ttl, state, ended_wall FROM leases ORDER BY fencing"
         )
         leases, ended = [], []
-        for body, expires, ttl, state, ended_wall in rows:
-            lease = _load_lease(body, expires, ttl, offset)
-            if state == "active":
-                leases.append(lease)
-            else:
-                lease.state = lease.outcome = state
-                lease.ended_at = ended_wall - offset
-                ended.append(lease)
-        rows = self._db.execute("SELECT body FROM actions ORDER BY seq")
-        queued = [_load_action(orjson.loads(body), offset) for (body,) in rows]
+        try:
+            for body, expires, ttl, state, ended_wall in rows:
+                lease = _load_lease(body, expires, ttl, offset)
+                if state == "active":
+                    leases.append(lease)
+                else:
+                    lease.state = lease.outcome = state
+                    lease.ended_at = ended_wall - offset
+                    ended.append(lease)
+            rows = self._db.execute("SELECT body FROM actions ORDER BY seq")
+            queued = [wire.action_from_record(orjson.loads(body), offset) for (body,) in rows]
+        except WireError as exc:
+            raise JournalError(
+                f"cannot read the journal {self.path}: it holds a {exc}. Restore it with "
+                "the Tangram version that wrote it, or drain that broker and move the file "
+                "away"
+            ) from None
         mark = self.mark.value
         fencing = max(int(meta.get("fencing", 0)), mark.fencing)
         self._top = int(meta.get("fencing", 0))
@@ -464,80 +456,23 @@ class Journal:
 
 
 # --------------------------------------------------------------------------- rows
-def _action_wire(a: Action, offset: float) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "seq": a.seq,
-        "trajectory": a.trajectory,
-        "task": a.task,
-        "tenant": a.tenant,
-        "idempotency_key": a.idempotency_key,
-        "fingerprint": a.fingerprint,
-        "demands": {p: d.to_wire() for p, d in a.demands.items()},
-        "key": a.key,
-        "duration": a.duration,
-        "efficiency": efficiency_to_wire(a.efficiency),
-        "service": a.service,
-        "tokens": a.tokens,
-        "memory_gb": a.memory_gb,
-        "ttl": a.ttl,
-        "submitted_at": a.submitted_at + offset,
-    }
-
-
+# The bodies are tangram.wire's versioned records; the table layout stays as it was.
 def _dump_action(a: Action, offset: float) -> bytes:
-    return orjson.dumps(_action_wire(a, offset))
+    return orjson.dumps(wire.action_record(a, offset))
 
 
 def _dump_lease(lease: Lease, action: bytes | None, offset: float) -> bytes:
     """The lease's row; ``action`` is its action already encoded, if at hand."""
-    head = orjson.dumps(
-        {
-            "id": lease.id,
-            "fencing_token": lease.fencing_token,
-            "granted_at": lease.granted_at + offset,
-            "ttl": lease.ttl,
-            "allocation": {p: list(al) for p, al in lease.allocation.items()},
-        }
-    )
+    head = orjson.dumps(wire.lease_record(lease, offset))
     return b"".join((head[:-1], b',"action":', action or _dump_action(lease.action, offset), b"}"))
-
-
-def _load_action(a: dict[str, Any], offset: float) -> Action:
-    return Action(
-        trajectory=a["trajectory"],
-        demands={p: Demand.parse(w, p) for p, w in a["demands"].items()},
-        task=a["task"],
-        key=a["key"],
-        duration=a["duration"],
-        efficiency=parse_efficiency(a["efficiency"]),
-        service=a["service"],
-        tokens=a["tokens"],
-        memory_gb=a["memory_gb"],
-        ttl=a["ttl"],
-        tenant=a["tenant"],
-        idempotency_key=a.get("idempotency_key"),
-        fingerprint=a.get("fingerprint"),
-        id=a["id"],
-        submitted_at=a["submitted_at"] - offset,
-        seq=a["seq"],
-    )
 
 
 def _load_lease(body: bytes | str, expires_wall: float, ttl: float, offset: float) -> Lease:
     """A lease from its row; the deadline and TTL come from their columns, which
     heartbeats update."""
     d: dict[str, Any] = orjson.loads(body)
-    alloc = {
-        p: Allocation(v[0], v[1], tuple(v[2]), bool(v[3]), tuple(v[4]), bool(v[5]))
-        for p, v in d["allocation"].items()
-    }
-    return Lease(
-        id=d["id"],
-        action=_load_action(d["action"], offset),
-        fencing_token=d["fencing_token"],
-        allocation=alloc,
-        granted_at=d["granted_at"] - offset,
-        expires_at=expires_wall - offset,
-        ttl=ttl,
-    )
+    wire.check_version(d, "lease")
+    if not isinstance(d.get("action"), dict):
+        raise WireError("malformed lease: no action")
+    action = wire.action_from_record(d["action"], offset)
+    return wire.lease_from_record(d, action, expires_wall - offset, ttl, offset)

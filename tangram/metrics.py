@@ -28,8 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tangram.core.managers.gpu import GpuManager
-from tangram.core.managers.quota import QuotaManager
+from tangram import kinds
 from tangram.core.state import Core
 from tangram.spec import Action, Lease
 
@@ -229,34 +228,15 @@ class _PoolCollector(Collector):
             "Queued actions that demand the pool.",
             labels=["pool", "kind"],
         )
-        throttled = CounterMetricFamily(
-            "tangram_quota_throttled",
-            "Actions held back by a quota's rate, window or token limit (once per action).",
-            labels=["pool"],
-        )
-        available = GaugeMetricFamily(
-            "tangram_quota_available",
-            "Permits or tokens a quota pool has now, per limit.",
-            labels=["pool", "limit"],
-        )
-        tokens_est = CounterMetricFamily(
-            "tangram_quota_tokens_estimated",
-            "Tokens charged at grant (estimates).",
-            labels=["pool"],
-        )
-        tokens_used = CounterMetricFamily(
-            "tangram_quota_tokens_used", "Tokens reported used at release.", labels=["pool"]
-        )
-        gpu = {
-            attr: CounterMetricFamily(f"tangram_gpu_{name}", doc, labels=["pool"])
-            for attr, name, doc in (
-                ("restores", "restores", "Grants that restored a service."),
-                ("evictions", "evictions", "Resident services evicted."),
-                ("cache_hits", "cache_hits", "Grants whose service was resident."),
-                ("restore_seconds_total", "restore_seconds",
-                 "Restore time paid (estimated or measured)."),
-            )
-        }  # fmt: skip
+        # What each kind exports beyond that (its manager declares it), for every kind
+        # registered, so a family is there even before a pool of its kind has a value.
+        extra: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for kind in kinds.KINDS.values():
+            for fam in kind.manager.metrics:
+                cls = CounterMetricFamily if fam.type == "counter" else GaugeMetricFamily
+                extra[fam.name] = cls(
+                    f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels]
+                )
         queue_len = core.queued_per_pool()
         for name, mgr in core.pools.items():
             mgr.tick(now)
@@ -267,15 +247,8 @@ class _PoolCollector(Collector):
                 busy.add_metric(lv, mgr.busy_seconds.get(node, 0.0))
                 idle.add_metric(lv, mgr.idle_seconds.get(node, 0.0))
             queued.add_metric([name, mgr.kind], queue_len.get(name, 0))
-            if isinstance(mgr, QuotaManager):
-                throttled.add_metric([name], mgr.throttled_total)
-                for limit, value in mgr.available(now).items():
-                    available.add_metric([name, limit], value)
-                tokens_est.add_metric([name], mgr.tokens_estimated_total)
-                tokens_used.add_metric([name], mgr.tokens_used_total)
-            elif isinstance(mgr, GpuManager):
-                for attr, family in gpu.items():
-                    family.add_metric([name], getattr(mgr, attr))
+            for family, values, value in mgr.samples(now):
+                extra[family].add_metric([name, *values], value)
         active = GaugeMetricFamily("tangram_leases_active", "Leases held now.")
         active.add_metric([], len(core.leases))
         idle_closed = CounterMetricFamily(
@@ -288,6 +261,6 @@ class _PoolCollector(Collector):
             "tangram_trajectories_active", "Trajectories with an action queued or held now."
         )
         open_trajectories.add_metric([], core.active_trajectories)
-        yield from (cap, used, busy, idle, queued, throttled, available, tokens_est, tokens_used)
-        yield from gpu.values()
+        yield from (cap, used, busy, idle, queued)
+        yield from extra.values()
         yield from (active, idle_closed, open_trajectories)

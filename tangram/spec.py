@@ -7,60 +7,22 @@ no behaviour beyond what follows from their own fields (feasible amounts, durati
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-
-class TangramError(Exception):
-    """Base class of every error Tangram raises on purpose."""
-
-
-class InvalidAction(TangramError):
-    """The action can never be granted as written; the message says why and what would fit.
-
-    ``reason`` is a short code for metrics and clients: malformed, bad_demand,
-    unknown_pool, unknown_service, never_fits, duplicate_id."""
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class QueueFull(TangramError):
-    """A pool's queue is at its bound (``max_queued_per_pool``): try again later. Nothing
-    was queued."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Unavailable(TangramError):
-    """The broker cannot make a change durable now (its journal cannot write, e.g. a full
-    disk): nothing that anyone was told of is lost; retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class UnknownLease(TangramError):
-    """No lease (and no action) with that id exists."""
-
-
-class LeaseExpired(TangramError):
-    """The lease ran past its TTL without a heartbeat; its units were taken back."""
-
-
-class LeaseReleased(TangramError):
-    """The lease was already released (a heartbeat after release is a client bug)."""
-
-
-class ActionCancelled(TangramError):
-    """The queued action was cancelled before it was granted."""
-
+# The errors live in tangram/errors.py with the table of how each travels; they are
+# re-exported here, where callers have always found them.
+from tangram.errors import ActionCancelled as ActionCancelled
+from tangram.errors import InvalidAction as InvalidAction
+from tangram.errors import LeaseExpired as LeaseExpired
+from tangram.errors import LeaseReleased as LeaseReleased
+from tangram.errors import QueueFull as QueueFull
+from tangram.errors import TangramError as TangramError
+from tangram.errors import Unavailable as Unavailable
+from tangram.errors import UnknownAction as UnknownAction
+from tangram.errors import UnknownLease as UnknownLease
 
 # --------------------------------------------------------------------------- demands
 
@@ -369,6 +331,18 @@ class Action:
 # --------------------------------------------------------------------------- leases
 
 
+class Resident(NamedTuple):
+    """One variant of a GPU service resident on one chunk: ``service`` run on ``k`` GPUs
+    of ``node`` from GPU ``start``. ``Allocation.evicts`` names those a grant evicts, and
+    the service executor drops exactly these (one structured value from the GPU pool to
+    the executor, so nothing is spelled out and parsed back)."""
+
+    service: str
+    k: int
+    node: str
+    start: int
+
+
 class Allocation(NamedTuple):
     """The exact units of one pool given to one lease (a named tuple: made on every
     grant, so cheap to build)."""
@@ -377,11 +351,8 @@ class Allocation(NamedTuple):
     node: str | None = None
     units: tuple[Any, ...] = ()
     restore: bool = False
-    evicts: tuple[str, ...] = ()
+    evicts: tuple[Resident, ...] = ()
     pinned: bool = False  # this grant pinned the trajectory to ``node`` (CPU pools)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"amount": self.amount, "node": self.node, "units": list(self.units)}
 
 
 @dataclass(slots=True, eq=False)
@@ -396,11 +367,9 @@ class Lease:
     expires_at: float
     ttl: float
     overhead: float = 0.0
-    tokens_estimated: int = 0
     state: str = "active"  # active | released | expired
     ended_at: float | None = None
     outcome: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     # The broker's signature over what it granted (tangram.executors.SignedGrant) when it
     # has a fencing key; executors refuse calls without it. Renewed by heartbeats.
     grant: Any = None
@@ -416,13 +385,3 @@ class Lease:
     @property
     def restore(self) -> bool:
         return any(a.restore for a in self.allocation.values())
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "fencing_token": self.fencing_token,
-            "allocation": {p: a.to_wire() for p, a in self.allocation.items()},
-            "dop": self.dop,
-            "restore": self.restore,
-            "expires_at": self.expires_at,
-        }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -50,6 +51,18 @@ async def in_use(client: HttpClient) -> int:
     return int((await client.pools())["pools"]["api"]["in_use"])
 
 
+async def held_and_queued(client: HttpClient) -> tuple[int, int]:
+    """(units held, actions queued) as the server reports them."""
+    pools = await client.pools()
+    return int(pools["pools"]["api"]["in_use"]), int(pools["queued"])
+
+
+async def state_by_key(client: HttpClient, action: Action, key: str) -> str:
+    """The server's state of the action submitted under ``key``: a submit with the same
+    key returns that action and never queues another."""
+    return (await client.submit(action, idempotency_key=key)).state
+
+
 async def test_lease_holds_the_units_for_the_body_and_releases_them(client):
     async with client.lease(api()) as lease:
         assert lease.allocation["api"].amount == 1 and lease.fencing_token >= 1
@@ -84,42 +97,54 @@ async def test_cancelling_the_body_releases_the_lease(client):
 
     task = asyncio.create_task(body())
     await entered.wait()
+    assert await held_and_queued(client) == (1, 0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await client.get(got[0])).state == "released"
+    assert await held_and_queued(client) == (0, 0)
 
 
 async def test_cancelling_a_waiting_lease_cancels_the_queued_action(client, url):
+    waiter, key = api("waiter"), uuid.uuid4().hex
     async with client.lease(api("holder")):
-        task = asyncio.create_task(client.acquire(api("waiter")))
+        task = asyncio.create_task(client.acquire(waiter, idempotency_key=key))
         await asyncio.sleep(0.3)
-        assert (await client.pools())["queued"] == 1
+        assert await held_and_queued(client) == (1, 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert (await client.pools())["queued"] == 0
+        assert await state_by_key(client, waiter, key) == "cancelled"
+        assert await held_and_queued(client) == (1, 0)  # the holder's lease alone
+    assert await held_and_queued(client) == (0, 0)
 
 
 async def test_cancel_right_after_submit_leaves_nothing_behind(client):
     # Cancelled while the first request may be in flight: the client learns the action
     # through its idempotency key and cancels or releases it.
     for delay in (0.0, 0.001, 0.005, 0.02):
-        task = asyncio.create_task(client.acquire(api()))
+        action, key = api(), uuid.uuid4().hex
+        task = asyncio.create_task(client.acquire(action, idempotency_key=key))
         await asyncio.sleep(delay)
         task.cancel()
         try:
             lease = await task
         except asyncio.CancelledError:
-            continue
-        await client.release(lease.id)
+            pass
+        else:
+            await client.release(lease.id)  # granted before the cancel arrived
+        # Cancelled while queued or released after its grant, never left behind.
+        assert await state_by_key(client, action, key) in ("cancelled", "released"), delay
+        assert await held_and_queued(client) == (0, 0), delay
 
 
 async def test_acquire_timeout_cancels_the_action(client):
+    late, key = api("late"), uuid.uuid4().hex
     async with client.lease(api("holder")):
         with pytest.raises(TimeoutError, match="not granted"):
-            await client.acquire(api("late"), timeout=0.3)
-        assert (await client.pools())["queued"] == 0
+            await client.acquire(late, timeout=0.3, idempotency_key=key)
+        assert await state_by_key(client, late, key) == "cancelled"
+        assert await held_and_queued(client) == (1, 0)
 
 
 async def test_busy_server_429_within_a_deadline_is_a_timeout(client):

@@ -288,9 +288,25 @@ def test_expiry_heap_stays_bounded_and_correct_under_heavy_churn(make_core):
     for i in range(10_000):  # each release leaves a stale heap entry behind
         lease = grant_one(core, 0.001 * i, traj=f"t{i}")
         core.release(lease.id, 0.001 * i)
-    assert len(core._expiry) <= 2 * len(core.leases) + 4096
+    assert len(core.table._heap) <= 2 * len(core.leases) + 4096
     # The one live lease still expires on time.
     assert core.expire(99.9) == []
     (ev,) = core.expire(100.0)
     assert ev.lease.id == keeper.id
     assert in_use(core, 100.0) == 0
+
+
+def test_changing_a_handed_out_lease_changes_nothing_in_the_core(make_core):
+    """The table keeps its own deadlines: a caller that sets ``expires_at`` on the lease
+    it was given (to "extend" it, or by mistake) does not revive or extend it."""
+    core = make_core(CPU4, lease_ttl=5.0)
+    lease = grant_one(core, 0.0, traj="a")
+    lease.expires_at = 1e9
+    (ev,) = core.expire(5.0)
+    assert ev.lease.id == lease.id and lease.expires_at == 5.0
+    lapsed = grant_one(core, 6.0, traj="b")
+    core.expire(11.0)
+    lapsed.expires_at = 1e9  # a lapsed lease set alive again by hand
+    with pytest.raises(LeaseExpired):
+        core.heartbeat(lapsed.id, 12.0)
+    assert core.lease_state(lapsed.id) == "expired"

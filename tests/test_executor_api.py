@@ -110,7 +110,7 @@ def test_live_command_object_registers_on_a_typer_app():
     import typer
     from typer.testing import CliRunner
 
-    from tangram.executors.live_cli import live_command
+    from tangram.cli import live_command
 
     app = typer.Typer()
     app.command("live")(live_command)

@@ -29,7 +29,7 @@ from tangram.executors import (
     StaleLease,
 )
 from tangram.executors.sandbox import SandboxRunner, isolation_problem
-from tangram.spec import Allocation, TangramError
+from tangram.spec import Allocation, Resident, TangramError
 
 CORES = sorted(os.sched_getaffinity(0))
 KEY = bytes(range(32))
@@ -274,7 +274,7 @@ async def test_service_host_refuses_a_stale_grant_before_evicting():
     assert res.output == 4.0 and res.restored
     await host.run("rm", [0, 1], [], None, gpus(6, (0, 1)))
     with pytest.raises(StaleLease, match=r"token 4 is older than token 6 .* GPU node g0"):
-        await host.run("rm", [0], ["rm/tp1@g0:0"], None, gpus(4, (0,)))
+        await host.run("rm", [0], [Resident("rm", 1, "g0", 0)], None, gpus(4, (0,)))
     assert ("rm", 1, 0) in host.resident  # the stale call evicted nothing
 
 
@@ -288,7 +288,7 @@ async def test_service_host_refuses_forged_and_expired_grants_before_evicting():
         (grant(5, (0,), node="g0", pool="cpu"), GrantMismatch),
     ):
         with pytest.raises(cls):
-            await host.run("rm", [0], ["rm/tp1@g0:0"], None, g)
+            await host.run("rm", [0], [Resident("rm", 1, "g0", 0)], None, g)
     assert ("rm", 1, 0) in host.resident and host.fence.newest == {0: 4}
     assert (await host.run("rm", [0], [], None, gpus(5, (0,)))).output == 4.0
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import tangram
+from tangram.executors import launcher, sandbox
 from tangram.executors.sandbox import (
     Command,
     SandboxError,
@@ -19,7 +22,8 @@ from tangram.executors.sandbox import (
 
 CORES = sorted(os.sched_getaffinity(0))
 PY = sys.executable
-SUITE = Path(__file__).parent / "fixtures" / "sandbox_suite"
+# The live benchmark's suite (tangram/ray/live_suite), read as files: no Ray here.
+SUITE = Path(tangram.__file__).parent / "ray" / "live_suite"
 AFFINITY = f"{PY} -c 'import os; print(sorted(os.sched_getaffinity(0)))'"
 
 
@@ -131,6 +135,17 @@ async def test_output_is_capped(runner: SandboxRunner):
 async def test_missing_program_is_a_clear_failure(runner: SandboxRunner):
     res = await runner.run("t1", Command(["no-such-program-here"]), CORES[:1])
     assert res.exit_code == 127 and "cannot run 'no-such-program-here'" in res.stderr
+
+
+def test_the_launcher_runs_from_its_module_and_reports_a_wrapper_it_cannot_start():
+    # The child runs launcher.py's source, not an import of it (the package may not be
+    # visible inside the sandbox): this is the start of every command.
+    spec = {"wrap": ["no-such-wrapper-here"], "argv": ["true"]}
+    argv = sandbox._launch(spec)
+    assert argv[argv.index("-c") + 1] == Path(launcher.__file__).read_text()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 126
+    assert done.stderr.startswith("tangram sandbox: cannot start 'no-such-wrapper-here'")
 
 
 @pytest.mark.parametrize(

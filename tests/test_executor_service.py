@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 from tangram.executors.service import ServiceError, ServiceHost, ServiceSpec, to_device
+from tangram.spec import Resident
+
+RM = Resident("rm", 1, "g0", 0)
+JUDGE = Resident("judge", 1, "g0", 0)
 
 
 def tiny_model() -> dict[str, Any]:
@@ -33,7 +37,7 @@ async def test_restore_run_then_warm(host: ServiceHost):
     first = await host.run("rm", [0], [], x)
     assert first.restored and first.restore_seconds > 0
     assert first.output == pytest.approx(expect)
-    assert first.device == "cpu" and first.resident == ["rm/tp1@g0:0"]
+    assert first.device == "cpu" and first.resident == [RM]
     again = await host.run("rm", [0], [], x)
     assert not again.restored and again.restore_seconds == 0.0
 
@@ -48,8 +52,8 @@ async def test_the_device_copy_is_not_the_host_copy(host: ServiceHost):
 
 async def test_eviction_drops_the_copy_and_the_next_call_restores(host: ServiceHost):
     await host.run("rm", [0], [], [0.0] * 64)
-    res = await host.run("judge", [0], ["rm/tp1@g0:0"], [1, 2])
-    assert res.evicted == ["rm/tp1@g0:0"] and res.resident == ["judge/tp1@g0:0"]
+    res = await host.run("judge", [0], [RM], [1, 2])
+    assert res.evicted == [RM] and res.resident == [JUDGE]
     assert (await host.run("rm", [0], [], [0.0] * 64)).restored
 
 

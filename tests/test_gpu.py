@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tangram.core.managers.gpu import GpuManager
-from tangram.spec import Action
+from tangram.spec import Action, Resident
 
 
 def gpu(
@@ -187,12 +187,12 @@ def test_lru_eviction_names_the_least_recently_used_victim(make_core):
     assert hit.restore is False
     third = use("s3", 3)  # 90 > 80: the least recently used (s2) goes
     assert third.restore is True
-    assert third.evicts == ("s2/tp1@g:0",)
+    assert third.evicts == (Resident("s2", 1, "g", 0),)
     m = mgr_of(core)
     assert m.is_resident("s1", 1, "g", 0) and m.is_resident("s3", 1, "g", 0)
     assert not m.is_resident("s2", 1, "g", 0)
     # 70 GB needs both residents out, least recently used first.
-    assert use("big", 4).evicts == ("s1/tp1@g:0", "s3/tp1@g:0")
+    assert use("big", 4).evicts == (Resident("s1", 1, "g", 0), Resident("s3", 1, "g", 0))
     assert m.evictions == 3
 
 
@@ -213,7 +213,7 @@ def test_each_parallelism_is_its_own_variant(make_core):
     assert alloc.units == (0, 1, 2, 3)
     assert alloc.restore is True
     # tp4 needs 40 GB on each GPU; GPUs 0-1 were full with tp2 (80 GB each).
-    assert alloc.evicts == ("m/tp2@g:0",)
+    assert alloc.evicts == (Resident("m", 2, "g", 0),)
     assert m.is_resident("m", 4, "g", 0) and not m.is_resident("m", 2, "g", 0)
 
 

@@ -23,7 +23,7 @@ import tangram
 import tangram.ray as tr
 from tangram.executors import Command, HttpCall, ServiceCall, ServiceSpec
 from tangram.executors.sandbox import isolation_problem
-from tangram.spec import Action, ActionCancelled, InvalidAction, LeaseExpired
+from tangram.spec import Action, ActionCancelled, InvalidAction, LeaseExpired, Resident
 
 CORES = sorted(os.sched_getaffinity(0))
 PY = sys.executable
@@ -341,9 +341,10 @@ async def test_service_restores_runs_and_evicts_on_the_cpu_device(client: tr.Cli
     assert not warm.restored
     other = await client.run(gpu("t-g", "judge"), ServiceCall(x))
     assert other.output == "judged" and other.restored
-    assert other.evicted == ["rm/tp1@g0:0"] and other.resident == ["judge/tp1@g0:0"]
+    rm, judge = Resident("rm", 1, "g0", 0), Resident("judge", 1, "g0", 0)
+    assert other.evicted == [rm] and other.resident == [judge]
     back = await client.run(gpu("t-g", "rm"), ServiceCall(x))
-    assert back.restored and back.evicted == ["judge/tp1@g0:0"]
+    assert back.restored and back.evicted == [judge]
     await asyncio.sleep(0.2)  # the measured restore times are reported fire-and-forget
     after = await broker.counters.remote("gpu")
     assert after["evictions"] - before["evictions"] == 2

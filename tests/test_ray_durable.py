@@ -255,10 +255,10 @@ async def test_a_submission_again_attaches_to_the_live_action(
         grants, *_ = await handle.exchange.remote("a", [big], [], [], [], 0.0)
         ((aid, wire, err, _),) = grants
         assert aid == "a-big" and wire is not None and err is None
-        lease_id = wire[0]
+        lease_id = wire["id"]
         # Again: the same lease, not a second action (its reply may have been lost).
         grants, *_ = await handle.exchange.remote("a", [big], [], [], [], 0.0)
-        assert [(a, w[0] if w else None) for a, w, _, _ in grants] == [("a-big", lease_id)]
+        assert [(a, w["id"] if w else None) for a, w, _, _ in grants] == [("a-big", lease_id)]
         grants, *_ = await handle.exchange.remote("b", [big], [], [], [], 0.0)
         assert [(a, e) for a, _, e, _ in grants] == [("a-big", "InvalidAction")]
         # Queued, submitted twice: granted once, when the cores come back.

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tangram.sim import executor
 from tangram.sim.engine import Runner, SimulationStuck
 from tangram.sim.provider import Provider
 from tangram.sim.run import simulate
@@ -135,19 +136,51 @@ def test_unknown_fields_are_ignored() -> None:
         ("mixed", ["tangram", "static"]),
     ],
 )
-def test_units_never_exceed_capacity_while_simulating(workload: str, policies: list[str]) -> None:
-    # Small pools so the queue is long: the check runs after every scheduling round.
+def test_units_never_exceed_capacity_while_simulating(
+    workload: str, policies: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small pools so the queue is long: the check runs after every scheduling round. Two
+    # API calls at a time: naive-api's refused calls then void trajectories.
     pools: dict[str, Any] = json.loads(json.dumps(WORKLOADS[workload].pools))
     for p in pools["pools"].values():
         if p["kind"] == "cpu":
             p["nodes"] = [{"name": "c", "count": 2, "cores": 24, "numa": 2, "memory_gb": 512}]
         if p["kind"] == "gpu":
             p["nodes"] = [{"name": "g", "count": 2, "gpus": 8, "memory_gb": 80}]
+        if p["kind"] == "quota":
+            p["concurrency"] = 2
+    checked: list[int] = []
+    real_check = executor.check_pools  # raises InvariantError on any excess or double grant
+
+    def check_pools(core: Any) -> None:
+        checked.append(1)
+        real_check(core)
+
+    monkeypatch.setattr(executor, "check_pools", check_pools)
     trajs = generate(workload, 40, 1, 1)
     for policy in policies:
-        res, _ = simulate(trajs, pools, policy, check=True)
-        assert res["actions"] == sum(len(t.actions) for t in trajs) or res["voided_trajectories"]
-        assert res["quota_violations"] == 0 or policy == "naive-api"
+        checked.clear()
+        res, runner = simulate(trajs, pools, policy, check=True)
+        assert checked, f"{policy}: the capacity check never ran"
+        # Every action ran, except those after a failed call: that call voids its
+        # trajectory, which then runs nothing more.
+        voided = 0
+        for i, t in enumerate(runner.trajs):
+            runs = [r for r in runner.runs if r.traj == i]
+            assert [r.index for r in runs] == list(range(len(runs)))
+            assert all(r.ended >= r.submitted for r in runs)
+            failed = [r.index for r in runs if r.failed]
+            if failed:
+                voided += 1
+                assert failed == [len(runs) - 1], f"{policy}: {t.id} ran on after a failure"
+            else:
+                assert len(runs) == len(t.actions), f"{policy}: {t.id} lost actions"
+        assert res["voided_trajectories"] == voided
+        assert res["actions"] == len(runner.runs)
+        if policy == "naive-api":
+            assert voided > 0, "these pools must make naive-api void some trajectories"
+        else:
+            assert voided == 0 and res["quota_violations"] == 0
         for pool in res["pools"].values():
             if pool["utilization"] is not None:
                 assert 0.0 <= pool["utilization"] <= 1.0 + 1e-9

@@ -1,10 +1,16 @@
-"""Errors of the HTTP client: the server's problem details as Tangram's own errors."""
+"""Errors of the HTTP client: the server's problem details as Tangram's own errors.
+
+A problem whose ``type`` names an error class of tangram/errors.py's table is raised as
+that class (an unknown action as ``UnknownAction``, an unknown lease as
+``UnknownLease``); the two that say when to try again are raised as subclasses that are
+also ``HttpError`` (``TooManyQueued``, ``ServerUnavailable``), as they always were.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tangram.spec import InvalidAction, LeaseExpired, LeaseReleased, TangramError, UnknownLease
+from tangram.errors import InvalidAction, QueueFull, TangramError, Unavailable, class_of_kind
 
 
 class HttpError(TangramError):
@@ -21,28 +27,41 @@ class Unauthorized(HttpError):
     """401: no token, or not a tenant's token."""
 
 
-class TooManyQueued(HttpError):
-    """429: this tenant has too many queued actions; ``retry_after`` seconds to wait."""
+class TooManyQueued(HttpError, QueueFull):
+    """429: this tenant, or a pool, has too many queued actions; ``retry_after`` seconds
+    to wait. Also a ``QueueFull``, the broker's error for it."""
 
     def __init__(self, detail: str, problem: dict[str, Any], retry_after: float) -> None:
         super().__init__(429, detail, problem)
         self.retry_after = retry_after
 
 
+class ServerUnavailable(HttpError, Unavailable):
+    """503 after the client's retries: the server cannot make changes durable now (or is
+    shutting down); ``retry_after`` seconds to wait. Also an ``Unavailable``."""
+
+    def __init__(self, detail: str, problem: dict[str, Any], retry_after: float) -> None:
+        super().__init__(503, detail, problem)
+        self.retry_after = retry_after
+
+
 def raise_for(status: int, problem: dict[str, Any], retry_after: float = 1.0) -> None:
     """Raise the error for an error answer's problem details."""
     detail = str(problem.get("detail") or problem.get("title") or f"HTTP {status}")
-    kind = str(problem.get("type", "")).rsplit("/", 1)[-1]
-    if status == 422:
+    cls = class_of_kind(str(problem.get("type", "")))
+    if cls is not None and issubclass(cls, QueueFull):
+        raise TooManyQueued(detail, problem, retry_after)
+    if cls is not None and issubclass(cls, Unavailable):
+        raise ServerUnavailable(detail, problem, retry_after)
+    if cls is not None and cls is not TangramError:
+        raise cls(detail)
+    # Problems of the HTTP layer itself, which no error class stands for.
+    if status == 422:  # a request that does not match the schema ("invalid")
         raise InvalidAction(detail)
-    if status == 404:
-        raise UnknownLease(detail)
-    if status == 410:
-        raise LeaseExpired(detail)
-    if status == 409 and kind == "lease-released":
-        raise LeaseReleased(detail)
     if status == 401:
         raise Unauthorized(status, detail, problem)
     if status == 429:
         raise TooManyQueued(detail, problem, retry_after)
+    if status == 503:
+        raise ServerUnavailable(detail, problem, retry_after)
     raise HttpError(status, detail, problem)

@@ -28,7 +28,7 @@ from tangram.spec import (
     InvalidAction,
     LeaseExpired,
     TangramError,
-    UnknownLease,
+    UnknownAction,
 )
 
 # Errors after which the request may not have been answered; all calls may be repeated.
@@ -213,7 +213,7 @@ class HttpClient:
                     else:
                         try:
                             state = await self.get(state.id, wait=wait)
-                        except UnknownLease:
+                        except UnknownAction:
                             # The server restarted and its queue was lost (granted
                             # leases survive, queued actions need not): submit again
                             # under the same key, which never makes a second action.

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tangram.spec import Action, Allocation, Amdahl
+from tangram import wire
+from tangram.spec import Action, Allocation
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,19 +25,7 @@ class RemoteLease:
 
     @staticmethod
     def from_json(action_id: str, raw: Mapping[str, Any]) -> RemoteLease:
-        return RemoteLease(
-            id=raw["id"],
-            action_id=action_id,
-            fencing_token=int(raw["fencing_token"]),
-            allocation={
-                p: Allocation(int(a["amount"]), a.get("node"), tuple(a.get("units", ())))
-                for p, a in raw["allocation"].items()
-            },
-            dop=int(raw["dop"]),
-            restore=bool(raw["restore"]),
-            expires_at=float(raw["expires_at"]),
-            ttl=float(raw["ttl"]),
-        )
+        return RemoteLease(action_id=action_id, **wire.lease_from_http(raw))
 
 
 def action_json(action: Action | Mapping[str, Any]) -> dict[str, Any]:
@@ -44,20 +33,4 @@ def action_json(action: Action | Mapping[str, Any]) -> dict[str, Any]:
     mapping already in the wire format."""
     if not isinstance(action, Action):
         return dict(action)
-    out: dict[str, Any] = {
-        "trajectory": action.trajectory,
-        "demands": {p: d.to_wire() for p, d in action.demands.items()},
-        "task": action.task,
-    }
-    eff = action.efficiency
-    if isinstance(eff, Amdahl):
-        out["efficiency"] = {"amdahl": eff.parallel_fraction}
-    elif eff is not None:
-        out["efficiency"] = {"table": {str(m): e for m, e in eff.table}}
-    for name in ("key", "duration", "service", "tokens", "ttl"):
-        value = getattr(action, name)
-        if value is not None:
-            out[name] = value
-    if action.memory_gb:
-        out["memory_gb"] = action.memory_gb
-    return out
+    return wire.action_request(action)

@@ -11,7 +11,6 @@ same code.
 from __future__ import annotations
 
 import base64
-import heapq
 import itertools
 import math
 import os
@@ -21,10 +20,11 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tangram.core.arrange import Candidate, Waiting, solve, waiting_cost
-from tangram.core.managers.base import CountOperator, Manager, Scratch
-from tangram.core.managers.gpu import GpuManager
-from tangram.core.policy import Policy
+from tangram.core.entries import Admitted, Entry
+from tangram.core.leases import LeaseTable
+from tangram.core.managers.base import Manager, Scratch
+from tangram.core.policies.base import Policy
+from tangram.core.policies.elastic import Elastic
 from tangram.spec import (
     Action,
     Allocation,
@@ -33,12 +33,8 @@ from tangram.spec import (
     InvalidAction,
     Lease,
     LeaseExpired,
-    LeaseReleased,
     QueueFull,
-    UnknownLease,
 )
-
-ENDED_KEPT = 100_000  # ended leases remembered for idempotent release and clear errors
 
 
 def random_id(kind: str) -> str:
@@ -108,32 +104,14 @@ class IdleClose:
 
 
 @dataclass(slots=True)
-class _Entry:
-    """A queued action with the amounts each of its pools could ever grant."""
-
-    action: Action
-    feasible: dict[str, tuple[int, ...]]
-    durations: Any = None  # the key pool's duration per feasible amount, computed once
-    wait: Waiting | None = None  # how the estimate sees it while it waits (cached)
-    throttled_on: tuple[str, ...] = ()  # pools whose time-based limit held it back
-
-
-@dataclass(slots=True)
-class _Admitted:
-    entry: _Entry
-    amounts: dict[str, int]
-    parts: dict[str, Hashable] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
 class _Round:
     """What one scheduling round collects while it walks the queue."""
 
     scratches: dict[str, Scratch] = field(default_factory=dict)
-    admitted: list[_Admitted] = field(default_factory=list)
-    waiting: list[_Entry] = field(default_factory=list)  # in FCFS order
+    admitted: list[Admitted] = field(default_factory=list)
+    waiting: list[Entry] = field(default_factory=list)  # in FCFS order
     saturated: set[str] = field(default_factory=set)
-    firsts: list[tuple[str, _Entry]] = field(default_factory=list)  # first waiter per pool
+    firsts: list[tuple[str, Entry]] = field(default_factory=list)  # first waiter per pool
 
 
 @dataclass(slots=True)
@@ -165,14 +143,15 @@ class Core:
         if trajectory_idle is not None and not trajectory_idle > 0:
             raise ValueError("trajectory_idle must be positive (or None: never)")
         self.pools = dict(pools)
-        self.policy = policy or Policy()
+        # A policy of this core's own (the elastic one keeps an index of its leases).
+        self.policy = (policy or Elastic()).bind(self.pools)
         self.lease_ttl = lease_ttl
         # Beyond this many queued actions a pool refuses more (memory stays bounded).
         self.max_queued_per_pool = max_queued_per_pool
         self._cost_clock = cost_clock
         self._prefix = id_prefix
         self._ids = ids
-        self._queue: dict[str, _Entry] = {}
+        self._queue: dict[str, Entry] = {}
         self._queued_pools: Counter[str] = Counter()
         # Queued actions per (pool, tenant): a full pool still takes a tenant below its
         # fair share, so one tenant cannot lock the others out.
@@ -184,20 +163,13 @@ class Core:
         self._active: Counter[str] = Counter()
         self._idle: OrderedDict[str, float] = OrderedDict()
         self._closed: set[str] = set()  # closed by their client while leases still ran
-        self.leases: dict[str, Lease] = {}
-        self.lease_of: dict[str, str] = {}  # action id -> id of its live lease
-        # pool -> lease id -> (node, amount, granted at, expected run time or None)
-        self._running: dict[str, dict[str, tuple[str | None, int, float, float | None]]] = {
-            p: {} for p in self.pools
-        }
+        self.table = LeaseTable(lambda: self._prefix + self._ids("l"))
+        # The table's live leases and action -> lease index, read by drivers.
+        self.leases = self.table.live
+        self.lease_of = self.table.of_action
         self.observers: list[Observer] = []  # told of every event (metrics, journals)
-        # lease id -> (state, expires_at, ended_at) of the last ENDED_KEPT ended leases.
-        # Plain tuples of atomic values: the garbage collector need not track them.
-        self.ended: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
-        self._expiry: list[tuple[float, str]] = []
         self._ready_at: float | None = None
         self._seq = 0
-        self.fencing = 0
         # Nothing is granted before this time (a journal that lost transactions: leases
         # it forgot may still be held until then).
         self.hold_until: float | None = None
@@ -246,20 +218,14 @@ class Core:
             raise InvalidAction(f"tokens must not be negative, got {action.tokens}")
         if action.ttl is not None and not (math.isfinite(action.ttl) and action.ttl > 0):
             raise InvalidAction(f"ttl must be a positive number of seconds, got {action.ttl}")
-        if action.service is not None:
-            gpu_pools = [p for p in action.demands if isinstance(self.pools[p], GpuManager)]
-            if not gpu_pools:
-                knowing = [
-                    n
-                    for n, m in self.pools.items()
-                    if isinstance(m, GpuManager) and action.service in m.services
-                ]
-                hint = (
-                    f"demand GPUs from {', '.join(knowing)}" if knowing else "no GPU pool knows it"
-                )
-                raise InvalidAction(
-                    f"service {action.service!r} needs a GPU demand; {hint}", "unknown_service"
-                )
+        if action.service is not None and not any(
+            self.pools[p].runs_services for p in action.demands
+        ):
+            knowing = [n for n, m in self.pools.items() if m.serves(action.service)]
+            hint = f"demand GPUs from {', '.join(knowing)}" if knowing else "no GPU pool knows it"
+            raise InvalidAction(
+                f"service {action.service!r} needs a GPU demand; {hint}", "unknown_service"
+            )
         try:
             return {p: self.pools[p].feasible(action, d) for p, d in action.demands.items()}
         except InvalidAction as exc:
@@ -296,13 +262,8 @@ class Core:
             action.submitted_at = now
         if not action.id:
             action.id = self._prefix + self._ids("a")
-        entry = _Entry(action, feasible)
-        if action.profiled and self.policy.elastic:
-            # Once per action, so scheduling rounds only read it.
-            entry.durations = action.durations(feasible[action.key])  # type: ignore[index]
-            depth = max(1, self.policy.depth)
-            head = tuple(float(x) for x in entry.durations[:depth])
-            entry.wait = Waiting(feasible[action.key][:depth], head)  # type: ignore[index]
+        entry = Entry(action, feasible)
+        self.policy.prepare(entry)
         self._queue[action.id] = entry
         self._queued_pools.update(action.demands.keys())
         tenant = action.tenant
@@ -338,7 +299,7 @@ class Core:
                 f"(max_queued_per_pool){who}; try again shortly"
             )
 
-    def _dequeue(self, entry: _Entry) -> None:
+    def _dequeue(self, entry: Entry) -> None:
         action = entry.action
         del self._queue[action.id]
         queued = self._queued_pools
@@ -427,6 +388,17 @@ class Core:
             self._closed.add(trajectory)
         return out
 
+    def observe(self, pool: str, what: str, key: str, value: float, now: float) -> None:
+        """A measurement an executor made that corrects a pool's cost model (a GPU
+        service's restore seconds); ValueError for an unknown pool or measurement. It
+        goes through the core, like every other event, rather than into a manager."""
+        mgr = self.pools.get(pool)
+        if mgr is None:
+            raise ValueError(f"unknown pool {pool!r}")
+        mgr.tick(now)
+        mgr.observe(what, key, value)
+        self.counts["observed"] += 1
+
     def queued(self) -> Iterable[Action]:
         return (e.action for e in self._queue.values())
 
@@ -444,12 +416,16 @@ class Core:
     # ------------------------------------------------------------------ leases
     def lease_state(self, lease_id: str) -> str:
         """active, released or expired; UnknownLease if never seen (or long forgotten)."""
-        if lease_id in self.leases:
-            return "active"
-        ended = self.ended.get(lease_id)
-        if ended is None:
-            raise UnknownLease(f"no lease {lease_id!r}")
-        return ended[0]
+        return self.table.state(lease_id)
+
+    @property
+    def fencing(self) -> int:
+        """The newest fencing token issued."""
+        return self.table.fencing
+
+    @property
+    def ended(self) -> OrderedDict[str, tuple[str, float, float]]:
+        return self.table.ended
 
     def release(
         self,
@@ -460,32 +436,22 @@ class Core:
     ) -> Lease | None:
         """Return the lease's units and the lease. Releasing twice is not an error (None
         the second time); releasing a lease that expired raises LeaseExpired."""
-        lease = self.leases.get(lease_id)
-        if lease is not None and lease.expires_at <= now:
+        table = self.table
+        lease = table.live.get(lease_id)
+        if lease is not None and table.deadline(lease_id) <= now:
             # Past its deadline it is expired, whether or not expire() ran yet.
             self.expire(now)
             lease = None
         if lease is None:
-            ended = self.ended.get(lease_id)
-            if ended is None:
-                raise UnknownLease(f"no lease {lease_id!r}")
-            if ended[0] == "expired":
-                raise LeaseExpired(
-                    f"lease {lease_id!r} expired at {ended[1]:.3f} (no heartbeat within its "
-                    "TTL); its units were taken back"
-                )
+            err = table.ended_error(lease_id, releasing=True)
+            if err is not None:
+                raise err
             return None
-        del self.leases[lease_id]
         if outcome == "error":
             for pool, alloc in lease.allocation.items():
                 self.pools[pool].failed(lease.action, alloc)
-        if len(self._expiry) > 2 * len(self.leases) + 4096:
-            # Released leases leave their entries behind until their deadline; at high
-            # rates that is millions of them. Rebuild from the live leases instead.
-            self._expiry = [(x.expires_at, i) for i, x in self.leases.items()]
-            heapq.heapify(self._expiry)
-        lease.state = "released"
         lease.outcome = outcome
+        table.close(lease, "released", now)
         self._free(lease, now, usage)
         self.counts["released"] += 1
         return lease
@@ -493,7 +459,7 @@ class Core:
     def resume(self, fencing: int, seq: int) -> None:
         """Continue the fencing counter and action numbering above what an earlier life
         of this broker issued (as recorded by its journal)."""
-        self.fencing = max(self.fencing, fencing)
+        self.table.fencing = max(self.table.fencing, fencing)
         self._seq = max(self._seq, seq)
 
     def restore(self, lease: Lease, now: float) -> None:
@@ -501,7 +467,7 @@ class Core:
         fencing token (the counter continues above it) and its deadline. ValueError if
         its pools or units do not match this configuration (nothing is taken then)."""
         action = lease.action
-        if lease.id in self.leases or action.id in self.lease_of:
+        if lease.id in self.table.live or action.id in self.table.of_action:
             raise ValueError(f"lease {lease.id!r} is already live")
         unknown = set(lease.allocation) - set(self.pools)
         if unknown:
@@ -515,87 +481,55 @@ class Core:
             for pool, alloc in taken:
                 self.pools[pool].release(action, alloc, now, None)
             raise
-        self.fencing = max(self.fencing, lease.fencing_token)
         self._seq = max(self._seq, action.seq)
-        lease.state = "active"
-        self.leases[lease.id] = lease
-        self.lease_of[action.id] = lease.id
+        self.table.adopt(lease)
         self._busy(action.trajectory)
-        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-        if self.policy.elastic:  # only the tangram estimate reads it
-            self._track(lease)
+        self.policy.on_grant(lease)
 
     def remember(self, lease: Lease) -> None:
         """Know an ended lease recorded before a restart, so a release retried across
         the restart is answered as released (or expired), not as unknown."""
-        assert lease.state in ("released", "expired") and lease.ended_at is not None
-        self.fencing = max(self.fencing, lease.fencing_token)
-        self.ended[lease.id] = (lease.state, lease.expires_at, lease.ended_at)
-        if len(self.ended) > ENDED_KEPT:
-            self.ended.popitem(last=False)
+        self.table.remember(lease)
 
     def heartbeat(self, lease_id: str, now: float, ttl: float | None = None) -> float:
         """Extend an active lease's TTL from now; return the new expiry time."""
-        lease = self.leases.get(lease_id)
-        if lease is None or lease.expires_at <= now:
-            if lease is not None:  # past its TTL, not yet collected by expire()
-                raise LeaseExpired(f"lease {lease_id!r} expired at {lease.expires_at:.3f}")
-            ended = self.ended.get(lease_id)
-            if ended is None:
-                raise UnknownLease(f"no lease {lease_id!r}")
-            if ended[0] == "expired":
-                raise LeaseExpired(f"lease {lease_id!r} expired at {ended[1]:.3f}")
-            raise LeaseReleased(f"lease {lease_id!r} was already released")
-        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
-            raise InvalidAction(f"ttl must be a positive number of seconds, got {ttl}")
-        lease.ttl = ttl or lease.ttl
-        lease.expires_at = now + lease.ttl
-        heapq.heappush(self._expiry, (lease.expires_at, lease_id))
+        table = self.table
+        lease = table.live.get(lease_id)
+        if lease is None:
+            err = table.ended_error(lease_id, releasing=False)
+            assert err is not None
+            raise err
+        if table.deadline(lease_id) <= now:  # past its TTL, not yet collected by expire()
+            raise LeaseExpired(f"lease {lease_id!r} expired at {table.deadline(lease_id):.3f}")
+        at = table.extend(lease, now, ttl)
         for o in self.observers:
             o.on_heartbeat(lease, now)
-        return lease.expires_at
+        return at
 
     def expire(self, now: float) -> list[Expiry]:
         """Take back the units of every lease whose TTL ran out by ``now``."""
         out: list[Expiry] = []
-        heap = self._expiry
-        while heap and heap[0][0] <= now:
-            _, lid = heapq.heappop(heap)
-            lease = self.leases.get(lid)
-            if lease is None or lease.expires_at > now:
-                continue  # released already, or extended by a heartbeat (stale entry)
-            del self.leases[lid]
-            lease.state = "expired"
+        for lease in self.table.due(now):
             lease.outcome = "expired"
+            self.table.close(lease, "expired", now)
             self._free(lease, now, None)
             self.counts["expired"] += 1
             out.append(Expiry(lease))
         return out
 
     def _free(self, lease: Lease, now: float, usage: dict[str, Any] | None) -> None:
+        """Give an ended lease's units back (the table has closed it)."""
         for pool, alloc in lease.allocation.items():
             self.pools[pool].release(lease.action, alloc, now, usage)
-        lease.ended_at = now
-        self.lease_of.pop(lease.action.id, None)
         self._done(lease.action.trajectory, now)
-        for pool in lease.allocation:
-            self._running[pool].pop(lease.id, None)
+        self.policy.on_end(lease)
         for o in self.observers:
             o.on_end(lease, now)
-        ended = self.ended
-        ended[lease.id] = (lease.state, lease.expires_at, now)
-        if len(ended) > ENDED_KEPT:
-            ended.popitem(last=False)
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which time alone changes something (an expiry, a quota
         refill that may admit a waiting action)."""
-        heap = self._expiry
-        while heap and (
-            heap[0][1] not in self.leases or self.leases[heap[0][1]].expires_at != heap[0][0]
-        ):
-            heapq.heappop(heap)
-        t = heap[0][0] if heap else None
+        t = self.table.next_deadline()
         if self._ready_at is not None and (t is None or self._ready_at < t):
             t = self._ready_at
         if self._idle and self.trajectory_idle is not None:
@@ -629,8 +563,8 @@ class Core:
         rnd = _Round()
         self._admit(rnd, now)
         deferred: set[str] = set()
-        if self.policy.elastic and rnd.admitted:
-            self._arrange(rnd.admitted, rnd.waiting, rnd.scratches, now, deferred)
+        if rnd.admitted:
+            self.policy.arrange(rnd.admitted, rnd.waiting, rnd.scratches, now, deferred)
         if deferred:
             self._cascade(rnd.admitted, deferred)
         grants = self._commit(rnd.admitted, deferred, now)
@@ -661,7 +595,7 @@ class Core:
         policy = self.policy
         scratches = rnd.scratches
         active = sum(1 for n in self._queued_pools.values() if n > 0)
-        look = policy.lookahead if policy.elastic else 0
+        look = policy.lookahead
         elastic = False  # whether any admitted action lets the DP trade units for time
         for entry in self._queue.values():
             if len(rnd.saturated) == active:
@@ -685,7 +619,7 @@ class Core:
             if blocked:
                 self._block(entry, scrs, rnd)
                 continue
-            adm = _Admitted(entry, {})
+            adm = Admitted(entry, {})
             key = action.key
             for p, s in scrs:
                 amount = policy.key_amount(entry.feasible[p]) if p == key else entry.feasible[p][0]
@@ -701,7 +635,7 @@ class Core:
                 rnd.admitted.append(adm)
                 elastic = elastic or entry.wait is not None
 
-    def _cascade(self, admitted: list[_Admitted], deferred: set[str]) -> None:
+    def _cascade(self, admitted: list[Admitted], deferred: set[str]) -> None:
         """No later action may overtake a deferred one on the units it competes for."""
         held: set[tuple[str, Hashable]] = set()
         for adm in admitted:
@@ -710,7 +644,7 @@ class Core:
                 deferred.add(adm.entry.action.id)
                 held.update(keys)
 
-    def _commit(self, admitted: list[_Admitted], deferred: set[str], now: float) -> list[Grant]:
+    def _commit(self, admitted: list[Admitted], deferred: set[str], now: float) -> list[Grant]:
         """Take the exact units of every admitted, undeferred action, in FCFS order. An
         action one of whose pools cannot allocate is rolled back and stays queued."""
         grants: list[Grant] = []
@@ -735,7 +669,7 @@ class Core:
             grants.append(Grant(action, self._grant(adm.entry, alloc, now)))
         return grants
 
-    def _note_ready(self, firsts: list[tuple[str, _Entry]], now: float) -> None:
+    def _note_ready(self, firsts: list[tuple[str, Entry]], now: float) -> None:
         """When could a refilling quota admit each pool's first waiter, now that this
         round's grants took their share?"""
         for p, entry in firsts:
@@ -754,7 +688,7 @@ class Core:
             if self._ready_at is None or t < self._ready_at:
                 self._ready_at = t
 
-    def _block(self, entry: _Entry, scrs: list[tuple[str, Scratch]], rnd: _Round) -> None:
+    def _block(self, entry: Entry, scrs: list[tuple[str, Scratch]], rnd: _Round) -> None:
         """``entry`` waits: later competitors on each of its pools wait behind it."""
         action = entry.action
         rnd.waiting.append(entry)
@@ -767,203 +701,13 @@ class Core:
             if s.saturated:
                 rnd.saturated.add(p)
 
-    def _grant(self, entry: _Entry, alloc: dict[str, Allocation], now: float) -> Lease:
+    def _grant(self, entry: Entry, alloc: dict[str, Allocation], now: float) -> Lease:
         action = entry.action
         self._dequeue(entry)
-        self.fencing += 1
-        ttl = action.ttl or self.lease_ttl
-        lease = Lease(
-            id=self._prefix + self._ids("l"),
-            action=action,
-            fencing_token=self.fencing,
-            allocation=alloc,
-            granted_at=now,
-            expires_at=now + ttl,
-            ttl=ttl,
-        )
-        self.leases[lease.id] = lease
-        self.lease_of[action.id] = lease.id
-        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-        if self.policy.elastic:  # only the tangram estimate reads it
-            self._track(lease)
+        lease = self.table.grant(action, alloc, now, action.ttl or self.lease_ttl)
+        self.policy.on_grant(lease)
         self.counts["granted"] += 1
         return lease
-
-    # ------------------------------------------------------------------ the elastic part
-    def _arrange(
-        self,
-        admitted: list[_Admitted],
-        waiting: list[_Entry],
-        scratches: dict[str, Scratch],
-        now: float,
-        deferred: set[str],
-    ) -> None:
-        # A group is every admitted action using one partition (a CPU node, a GPU or quota
-        # pool), in FCFS order: those keyed on it are elastic there, the others hold their
-        # admitted amount. Eviction then only ever defers the group's tail.
-        groups: dict[tuple[str, Hashable], list[_Admitted]] = {}
-        for adm in admitted:
-            for p, part in adm.parts.items():
-                groups.setdefault((p, part), []).append(adm)
-        for (pool, part), members in groups.items():
-            if any(_elastic_on(m.entry.action, pool) for m in members):
-                self._arrange_group(pool, part, members, waiting, scratches[pool], now, deferred)
-
-    def _costs(
-        self,
-        mgr: Manager,
-        adm: _Admitted,
-        pool: str,
-        fallback: float,
-        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]],
-    ) -> Candidate:
-        entry, a = adm.entry, adm.entry.action
-        if _elastic_on(a, pool):
-            feas = entry.feasible[pool]
-            if entry.durations is None:
-                entry.durations = a.durations(feas)
-            costs = entry.durations
-            if mgr.has_extra_cost:
-                key = (a.service, feas)
-                extra = extras.get(key)
-                if extra is None:
-                    extra = extras[key] = tuple(mgr.extra_cost(a, x) for x in feas)
-                costs = costs + extra
-            return Candidate(feas, costs)
-        amount = adm.amounts[pool]
-        d = a.duration_at(amount) if a.key == pool else a.duration
-        d = d if d is not None else fallback
-        return Candidate((amount,), (d + mgr.extra_cost(a, amount),))
-
-    def _waiting(
-        self,
-        mgr: Manager,
-        entry: _Entry,
-        pool: str,
-        fallback: float,
-        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]],
-    ) -> Waiting:
-        """A waiting action as the estimate sees it: its first ``depth`` amounts and costs.
-        ``extras`` caches the pool's extra costs per (service, amounts) for the round."""
-        a = entry.action
-        if entry.wait is not None and a.key == pool:
-            if not mgr.has_extra_cost:
-                return entry.wait
-            feas, costs = entry.wait.amounts, entry.wait.costs
-        else:
-            feas = entry.feasible[pool][:1]
-            costs = (a.duration if a.duration is not None else fallback,)
-        if not mgr.has_extra_cost:
-            return Waiting(feas, costs)
-        key = (a.service, feas)
-        extra = extras.get(key)
-        if extra is None:
-            extra = extras[key] = tuple(mgr.extra_cost(a, x) for x in feas)
-        return Waiting(feas, tuple(c + e for c, e in zip(costs, extra, strict=True)))
-
-    def _arrange_group(
-        self,
-        pool: str,
-        part: Hashable,
-        members: list[_Admitted],
-        waiting: list[_Entry],
-        scratch: Scratch,
-        now: float,
-        deferred: set[str],
-    ) -> None:
-        mgr = self.pools[pool]
-        known = [m.entry.action.duration for m in members if m.entry.action.duration is not None]
-        fallback = sum(d for d in known if d is not None) / len(known) if known else 1.0
-        # The pool's extra costs (GPU restores) per (service, amounts), for this round.
-        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]] = {}
-        cands = [self._costs(mgr, m, pool, fallback, extras) for m in members]
-        op = scratch.operator(part, {m.entry.action.id for m in members})
-        n = len(members)
-        # Exact for the full list and a few evictions; widened only if eviction goes on.
-        cap = 8
-        dp = solve(cands, op, cap)
-        start = op.start()
-        if isinstance(op, CountOperator):
-            free_units = int(start)  # type: ignore[call-overload]
-        else:
-            assert isinstance(start, tuple)
-            free_units = sum(int(c) << i for i, c in enumerate(start))
-
-        # Units past what every candidate could take change nothing in the estimate (and
-        # an unbounded quota would otherwise put a million units in its heap).
-        free_units = min(free_units, sum(c.amounts[-1] for c in cands))
-        depth = self.policy.depth
-        look = self.policy.lookahead
-        outside: list[Waiting] = []
-        for e in waiting:
-            if len(outside) >= look:
-                break
-            a = e.action
-            if a.key == pool and scratch.partition_of(a) == part:
-                outside.append(self._waiting(mgr, e, pool, fallback, extras))
-        tail = [
-            m.entry.wait
-            if m.entry.wait is not None
-            and not mgr.has_extra_cost
-            and _elastic_on(m.entry.action, pool)
-            else Waiting(c.amounts[:depth], tuple(map(float, c.costs[:depth])))
-            for m, c in zip(members, cands, strict=True)
-        ]
-        busy = self._busy_until(pool, part, now, fallback)
-
-        def objective(j: int) -> tuple[float, list[int]]:
-            nonlocal dp, cap
-            while not dp.exact(j):
-                cap *= 4
-                dp = solve(cands, op, cap)
-            cost, amounts = dp.best(j)
-            if not math.isfinite(cost):
-                return math.inf, amounts
-            kept = [
-                (x, float(c.costs[0 if x == c.amounts[0] else c.amounts.index(x)]))
-                for c, x in zip(cands, amounts, strict=False)
-            ]
-            # Every prefix is weighed over the same actions: the candidates it leaves out
-            # and the first ``lookahead`` waiting actions behind them.
-            rest = tail[j:] + outside
-            return cost + waiting_cost(busy, free_units, kept, rest, depth), amounts
-
-        j = n
-        best, amounts = objective(j)
-        # Greedy eviction: defer the last candidate while that improves the objective.
-        # The head always stays (it fits, and deferring everything helps no one); an
-        # unprofiled tail cannot be weighed, so eviction stops there.
-        while j > 1 and _elastic_on(members[j - 1].entry.action, pool):
-            obj, amts = objective(j - 1)
-            if obj < best:
-                best, amounts, j = obj, amts, j - 1
-            else:
-                break
-        if not math.isfinite(best):
-            return  # cannot happen after admission; keep the admission amounts
-        for i, m in enumerate(members):
-            if i < j:
-                m.amounts[pool] = amounts[i]
-            else:
-                deferred.add(m.entry.action.id)
-
-    def _busy_until(self, pool: str, part: Hashable, now: float, fallback: float) -> list[float]:
-        """Projected free times (relative to now) of the partition's busy units."""
-        out: list[float] = []
-        for node, amount, start, run in self._running[pool].values():
-            if part != "" and node != part:
-                continue
-            end = start + (run if run is not None else fallback) - now
-            out.extend([end if end > 0.0 else 0.0] * amount)
-        return out
-
-    def _track(self, lease: Lease) -> None:
-        """Index a live lease per pool with its expected run time (for the estimate)."""
-        a = lease.action
-        for pool, alloc in lease.allocation.items():
-            d = a.duration_at(alloc.amount) if a.key == pool else a.duration
-            run = None if d is None else d + self.pools[pool].held_cost(a, alloc)
-            self._running[pool][lease.id] = (alloc.node, alloc.amount, lease.granted_at, run)
 
     # ------------------------------------------------------------------ observation
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -983,7 +727,3 @@ class Core:
             "rounds": self.stats.rounds,
         }
 
-
-def _elastic_on(action: Action, pool: str) -> bool:
-    """Whether the scheduler may trade units of ``pool`` for the action's time."""
-    return action.key == pool and action.profiled

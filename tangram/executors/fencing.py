@@ -32,7 +32,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tangram.spec import TangramError
+# The refusals live in tangram/errors.py with the table of how errors travel (a Ray
+# client rebuilds them by name); they are re-exported here, where callers find them.
+from tangram.errors import FencingError as FencingError
+from tangram.errors import ForgedGrant as ForgedGrant
+from tangram.errors import GrantMismatch as GrantMismatch
+from tangram.errors import StaleLease as StaleLease
 
 # The grant's expiry is the broker's wall clock; the executor's may differ. Tolerating
 # a positive offset lets a stale holder start work that long after its lease expired
@@ -47,33 +52,6 @@ _DOMAIN = "tangram-grant/1"
 
 # Per pool: (pool, node or "", units). Sorted by pool, so one grant has one encoding.
 GrantUnits = tuple[tuple[str, str, tuple[Any, ...]], ...]
-
-
-class FencingError(TangramError):
-    """An executor refused a call because of its grant; nothing ran."""
-
-
-class StaleLease(FencingError):
-    """The grant's lease is over: its fencing token is older than the newest one seen for
-    its units, or its expiry has passed."""
-
-    def __init__(self, message: str, token: int = 0, newest: int = 0) -> None:
-        super().__init__(message)
-        self.token = token
-        self.newest = newest
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Crosses process boundaries (Ray) with its fields intact.
-        return (StaleLease, (str(self), self.token, self.newest))
-
-
-class ForgedGrant(FencingError):
-    """No grant, not a grant, or a signature that does not verify under the executor's
-    key (forged, tampered with, or signed by another broker)."""
-
-
-class GrantMismatch(FencingError):
-    """A genuine grant, but not for the units (pool, node, exact ids) the call asked for."""
 
 
 @dataclass(frozen=True, slots=True)

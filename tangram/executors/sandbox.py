@@ -7,8 +7,9 @@ process restricted to exactly the granted core ids, with ``{dop}`` in the comman
 replaced by the granted parallelism (``pytest -n {dop}``), a wall-clock timeout, limits
 on address space and processes, and stdout, stderr and the exit code captured.
 
-The child is started through a tiny launcher (``python -I -S -c``) that sets the CPU
-affinity, the resource limits and a parent-death signal and then ``exec``s the command.
+The child is started through a tiny launcher (``python -I -S -c``, the source of
+tangram/executors/launcher.py) that sets the CPU affinity, the resource limits and a
+parent-death signal and then ``exec``s the command.
 ``preexec_fn`` would do the same without the extra interpreter start, but it is not safe
 in a threaded process (a Ray worker is one): the forked child can deadlock on a lock
 another thread held at fork time.
@@ -32,60 +33,15 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tangram.executors.fencing import DEFAULT_SKEW, KEY_ENV, Fence, SignedGrant
 
-# Runs in the child before the command, in two stages when isolated. Outside the
-# sandbox: CPU affinity and a parent-death signal, then ``exec`` bubblewrap, which builds
-# the namespaces and runs this script again inside. Inside (or directly, unisolated):
-# drop root for an unprivileged uid, enter a user namespace of its own (so the process
-# limit counts this sandbox's processes only), set the limits, ``exec`` the command.
-_LAUNCHER = """
-import ctypes, json, os, resource, signal, sys
-spec = json.loads(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-def die(msg):
-    sys.stderr.write("tangram sandbox: " + msg + "\\n")
-    os._exit(126)
-if spec.get("cores") is not None:
-    os.sched_setaffinity(0, spec["cores"])
-libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-if spec.get("wrap"):
-    try:
-        os.execvp(spec["wrap"][0], spec["wrap"])
-    except OSError as exc:
-        die(f"cannot start {spec['wrap'][0]!r}: {exc}")
-if spec.get("isolate"):
-    if os.getuid() == 0:
-        os.setgroups([])
-        os.setgid(spec["gid"])
-        os.setuid(spec["uid"])
-    libc.prctl(4, 1)  # PR_SET_DUMPABLE: setuid cleared it, uid_map needs it
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
-        die("cannot create a user namespace: " + os.strerror(ctypes.get_errno()))
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                       ("gid_map", f"{gid} {gid} 1")):
-        with open("/proc/self/" + name, "w") as f:
-            f.write(text)
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary regains root
-    libc.prctl(1, signal.SIGKILL)  # the uid change cleared the parent-death signal
-for key, res in (("memory", resource.RLIMIT_AS), ("procs", resource.RLIMIT_NPROC),
-                 ("fsize", resource.RLIMIT_FSIZE), ("core", resource.RLIMIT_CORE)):
-    if spec.get(key) is not None:
-        resource.setrlimit(res, (spec[key], spec[key]))
-# Python ignores these and ``exec`` keeps that; the command gets the usual defaults.
-signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-argv = spec["argv"]
-try:
-    os.execvpe(argv[0], argv, os.environ)
-except OSError as exc:
-    sys.stderr.write(f"tangram sandbox: cannot run {argv[0]!r}: {exc}\\n")
-    os._exit(127)
-"""
+# The child's first code (tangram/executors/launcher.py), handed to ``python -c`` as
+# source: inside bubblewrap the interpreter is there but this package need not be.
+_LAUNCHER = resources.files("tangram.executors").joinpath("launcher.py").read_text("utf-8")
 
 # Trajectory ids become directory names: these bytes stay as they are, every other byte
 # of the id's UTF-8 becomes "." and two hex digits. "." never stands for itself, so the
@@ -167,6 +123,17 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass(frozen=True, slots=True)
+class _Exit:
+    """How a child ended, before it becomes a ``CommandResult``."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    pid: int
 
 
 def dirname(trajectory: str) -> str:
@@ -264,11 +231,10 @@ def isolation_problem() -> str | None:
         if os.getuid() == 0:
             os.chown(work, NOBODY, NOBODY)
         inner = {"isolate": True, "uid": NOBODY, "gid": NOBODY, "argv": ["true"]}
-        launch = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(inner)]
-        spec = {"wrap": [*_bwrap_args(work, ()), *launch]}
+        spec = {"wrap": [*_bwrap_args(work, ()), *_launch(inner)]}
         try:
             done = subprocess.run(
-                [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec)],
+                _launch(spec),
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -360,6 +326,29 @@ class SandboxRunner:
         fencing token no older than any seen for the cores (``StaleLease``); a trusted
         runner also runs calls without one."""
         cmd.check()
+        ids = self._granted_cores(cores)
+        self.fence.admit(ids, grant, f"node {self.node or 'here'}", node=self.node, pool=self.pool)
+        dop = len(ids) if dop is None else dop
+        work = self._prepare_workdir(trajectory, cmd)
+        spec = self._launch_spec(cmd, ids, dop, work)
+        env = self._child_env(cmd, trajectory, ids, dop, work)
+        t0 = time.monotonic()
+        done = await self._execute(trajectory, cmd, spec, env, work)
+        return CommandResult(
+            exit_code=done.exit_code,
+            stdout=done.stdout,
+            stderr=done.stderr,
+            timed_out=done.timed_out,
+            cores=ids,
+            dop=dop,
+            wall_seconds=time.monotonic() - t0,
+            workdir=str(work),
+            node=self.node,
+            pid=done.pid,
+        )
+
+    def _granted_cores(self, cores: Sequence[int]) -> tuple[int, ...]:
+        """The granted core ids, refused unless this machine has every one of them."""
         ids = tuple(int(c) for c in cores)
         if not ids:
             raise SandboxError("no cores granted: a sandbox command needs at least one core")
@@ -369,8 +358,10 @@ class SandboxRunner:
                 f"cores {missing} do not exist on node {self.node or 'here'} (it has "
                 f"{sorted(self.available)}); the pool's core ids must match the machine"
             )
-        self.fence.admit(ids, grant, f"node {self.node or 'here'}", node=self.node, pool=self.pool)
-        dop = len(ids) if dop is None else dop
+        return ids
+
+    def _prepare_workdir(self, trajectory: str, cmd: Command) -> Path:
+        """The trajectory's working directory, with the command's files written into it."""
         work = self.workdir(trajectory)
         owner = self.isolate and os.getuid() == 0
         work.mkdir(parents=True, exist_ok=True)
@@ -378,6 +369,13 @@ class SandboxRunner:
             os.chown(work, self.uid, self.gid)  # the sandbox's user writes here
         for rel, text in (cmd.files or {}).items():
             _write_inside(work, rel, text, (self.uid, self.gid) if owner else None)
+        return work
+
+    def _launch_spec(
+        self, cmd: Command, ids: tuple[int, ...], dop: int, work: Path
+    ) -> dict[str, Any]:
+        """The launcher's spec: the command, its limits and, isolated, the bubblewrap
+        command line that runs the launcher again inside the sandbox."""
         filled = fill(cmd.command, dop, ids)
         argv = ["/bin/sh", "-c", filled] if isinstance(filled, str) else list(filled)
         lim = self.limits
@@ -393,17 +391,18 @@ class SandboxRunner:
             "core": 0,  # no core dumps filling the working directory
             "argv": argv,
         }
+        if not self.isolate:
+            return {**inner, "cores": list(ids)}
+        return {"cores": list(ids), "wrap": _bwrap_args(work, self.ro_paths) + _launch(inner)}
+
+    def _child_env(
+        self, cmd: Command, trajectory: str, ids: tuple[int, ...], dop: int, work: Path
+    ) -> dict[str, str]:
         if self.isolate:
-            launch = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(inner)]
-            spec: dict[str, Any] = {
-                "cores": list(ids),
-                "wrap": _bwrap_args(work, self.ro_paths) + launch,
-            }
             # The host's environment can hold secrets (tokens, keys): pass only the basics.
             env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
             env.update({"HOME": str(work), "TMPDIR": "/tmp"})
         else:
-            spec = {**inner, "cores": list(ids)}
             # Even trusted code has no use for the key that makes grants.
             env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
         env.update(
@@ -416,14 +415,20 @@ class SandboxRunner:
             }
         )
         env.update(cmd.env or {})
-        t0 = time.monotonic()
+        return env
+
+    async def _execute(
+        self,
+        trajectory: str,
+        cmd: Command,
+        spec: dict[str, Any],
+        env: dict[str, str],
+        work: Path,
+    ) -> _Exit:
+        """Start the launcher, capture its output until it exits or times out, then kill
+        whatever is left of its process group."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            _LAUNCHER,
-            json.dumps(spec),
+            *_launch(spec),
             cwd=work,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -449,16 +454,11 @@ class SandboxRunner:
             self.running.pop(proc.pid, None)
         stdout, stderr = await _drain(out, err)
         code = proc.returncode
-        return CommandResult(
+        return _Exit(
             exit_code=code if code is not None else -signal.SIGKILL,
             stdout=stdout,
             stderr=stderr,
             timed_out=timed_out,
-            cores=ids,
-            dop=dop,
-            wall_seconds=time.monotonic() - t0,
-            workdir=str(work),
-            node=self.node,
             pid=proc.pid,
         )
 
@@ -466,6 +466,11 @@ class SandboxRunner:
         """Kill every running child (the executor is going away)."""
         for pid in list(self.running):
             _kill_group(pid)
+
+
+def _launch(spec: Mapping[str, Any]) -> list[str]:
+    """The command line that runs the launcher with ``spec``."""
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec)]
 
 
 def _bwrap_args(work: Path, ro_paths: Sequence[str]) -> list[str]:

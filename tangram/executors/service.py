@@ -17,7 +17,6 @@ a service may bring its own ``to_device`` instead.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
-
-_EVICTED = re.compile(r"^(?P<svc>.+)/tp(?P<k>\d+)@(?P<node>.*):(?P<start>\d+)$")
+from tangram.spec import Resident
 
 
 class ServiceError(ValueError):
@@ -57,10 +55,10 @@ class ServiceResult:
     output: Any
     restored: bool
     restore_seconds: float
-    evicted: list[str]
+    evicted: list[Resident]
     device: str
     node: str = ""
-    resident: list[str] = field(default_factory=list)
+    resident: list[Resident] = field(default_factory=list)
 
 
 def to_device(state: Any, device: str) -> Any:
@@ -125,16 +123,15 @@ class ServiceHost:
         # further itself (its own ``to_device``).
         return "cpu" if self.device_kind == "cpu" else f"cuda:{units[0]}"
 
-    def evict(self, names: Sequence[str]) -> list[str]:
-        """Drop the broker's evictions (``svc/tpK@node:start``); return those dropped."""
+    def evict(self, victims: Sequence[Resident]) -> list[Resident]:
+        """Drop the broker's evictions (``Allocation.evicts``); return those dropped."""
+        for victim in victims:  # a caller's bug, refused before anything is dropped
+            if not isinstance(victim, Resident):
+                raise ServiceError(f"cannot read eviction {victim!r}: expected a Resident")
         out = []
-        for name in names:
-            m = _EVICTED.match(name)
-            if m is None:
-                raise ServiceError(f"cannot read eviction {name!r}")
-            key = (m["svc"], int(m["k"]), int(m["start"]))
-            if self.resident.pop(key, None) is not None:
-                out.append(name)
+        for victim in victims:
+            if self.resident.pop((victim.service, victim.k, victim.start), None) is not None:
+                out.append(victim)
         return out
 
     def restore(self, service: str, units: Sequence[int]) -> float:
@@ -150,7 +147,7 @@ class ServiceHost:
         self,
         service: str,
         units: Sequence[int],
-        evicts: Sequence[str],
+        evicts: Sequence[Resident],
         payload: Any,
         grant: SignedGrant | None = None,
     ) -> ServiceResult:
@@ -179,8 +176,12 @@ class ServiceHost:
             evicted=evicted,
             device=self.device(units),
             node=self.node,
-            resident=sorted(f"{s}/tp{k}@{self.node}:{u}" for s, k, u in self.resident),
+            resident=self.residents(),
         )
+
+    def residents(self) -> list[Resident]:
+        """What is resident on this node's devices, sorted."""
+        return sorted(Resident(s, k, self.node, u) for s, k, u in self.resident)
 
     def _spec(self, service: str) -> ServiceSpec:
         spec = self.specs.get(service)

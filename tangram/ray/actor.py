@@ -3,8 +3,9 @@
 Clients talk to it with ``exchange``: one call carries a batch of submissions, releases,
 heartbeats and cancellations from one client and brings back every grant that client
 has waiting, so a client with many concurrent actions makes a handful of Ray calls per
-scheduling round instead of several per action. Errors travel as values (class name and
-message) so each caller gets the precise ``TangramError`` back.
+scheduling round instead of several per action. Errors travel as values (the name
+tangram/errors.py's table gives the class, and the message) so each caller gets the
+precise ``TangramError`` back.
 
 An HTTP app can be served from the same actor (``serve_http``): it runs on the actor's
 event loop and is handed this very ``Broker``, so whichever door a request uses there is
@@ -29,16 +30,16 @@ from typing import Any
 
 from tangram.broker import Broker
 from tangram.config import Config
-from tangram.core.managers.cpu import CpuManager
-from tangram.core.managers.gpu import GpuManager
 from tangram.core.state import IdleClose
+from tangram.errors import name_of
 from tangram.executors.fencing import GrantSigner, SignedGrant
-from tangram.spec import Action, Allocation, Lease, TangramError, Unavailable
+from tangram.spec import Action, Lease, TangramError, Unavailable
+from tangram.wire import grant_out
 
-# A grant as it travels: (lease id, fencing token, allocation, ttl, key pool, the signed
-# grant the executors check or None). The client rebuilds the Lease around its own
-# Action, so the action is not sent back.
-LeaseWire = tuple[str, int, dict[str, Allocation], float, str | None, SignedGrant | None]
+# A grant as it travels: tangram.wire.grant_out's named, versioned dict (lease id,
+# fencing token, allocation, ttl, key pool, and the signed grant the executors check or
+# None). The client rebuilds the Lease around its own Action, so the action is not sent.
+LeaseWire = dict[str, Any]
 # (action id, grant or None, error class name or None, error message or None)
 Delivery = tuple[str, LeaseWire | None, str | None, str | None]
 # (lease id, error class name or None, message or None)
@@ -162,8 +163,7 @@ class BrokerActor:
         """Pool name -> kind and node names (what a client needs to find executors)."""
         out: dict[str, dict[str, Any]] = {}
         for pool, mgr in self.broker.core.pools.items():
-            nodes = list(getattr(mgr, "nodes", {}))
-            out[pool] = {"kind": mgr.kind, "nodes": nodes}
+            out[pool] = {"kind": mgr.kind, "nodes": mgr.partitions()}
         return out
 
     async def snapshot(self) -> dict[str, Any]:
@@ -172,20 +172,7 @@ class BrokerActor:
     async def counters(self, pool: str) -> dict[str, float]:
         """A pool's accounting beyond the snapshot: tokens estimated and reported, GPU
         restores, evictions, cache hits and the current restore cost per service."""
-        mgr = self.broker.core.pools[pool]
-        names = (
-            "tokens_estimated_total",
-            "tokens_used_total",
-            "restores",
-            "evictions",
-            "cache_hits",
-            "restore_seconds_total",
-        )
-        out = {n: float(getattr(mgr, n)) for n in names if hasattr(mgr, n)}
-        if isinstance(mgr, GpuManager):
-            for svc in mgr.services.values():
-                out[f"restore_seconds:{svc.name}"] = svc.restore_seconds
-        return out
+        return self.broker.core.pools[pool].counters()
 
     # ------------------------------------------------------------------ the batched door
     async def exchange(
@@ -216,14 +203,14 @@ class BrokerActor:
                 broker.release(lease_id, outcome, usage)
                 released.append((lease_id, None, None))
             except TangramError as exc:
-                released.append((lease_id, type(exc).__name__, str(exc)))
+                released.append((lease_id, name_of(exc), str(exc)))
         failed: list[Outcome] = []
         refreshed: list[Refresh] = []
         for lease_id in beats:
             try:
                 broker.heartbeat(lease_id)
             except TangramError as exc:
-                failed.append((lease_id, type(exc).__name__, str(exc)))
+                failed.append((lease_id, name_of(exc), str(exc)))
                 continue
             lease = broker.core.leases.get(lease_id)
             if lease is not None and lease.grant is not None:
@@ -234,12 +221,12 @@ class BrokerActor:
             try:
                 self._submit(client, action)
             except TangramError as exc:
-                inbox.append((action.id, None, type(exc).__name__, str(exc)))
+                inbox.append((action.id, None, name_of(exc), str(exc)))
         if broker.journal is not None and (submits or releases or beats or cancels):
             try:
                 await broker.sync()
             except Unavailable as exc:
-                why = (type(exc).__name__, str(exc))
+                why = (name_of(exc), str(exc))
                 released = [(i, *why) if err is None else (i, err, m) for i, err, m in released]
                 failed += [(i, *why) for i, _ in refreshed]
                 refreshed = []
@@ -332,23 +319,14 @@ class BrokerActor:
         def deliver(fut: asyncio.Future[Lease]) -> None:
             if fut.cancelled():
                 item: Delivery = (action_id, None, "ActionCancelled", "the broker was closed")
-            elif fut.exception() is not None:
-                exc = fut.exception()
-                item = (action_id, None, type(exc).__name__, str(exc))
+            elif (exc := fut.exception()) is not None:
+                item = (action_id, None, name_of(exc), str(exc))
             else:
                 lease = fut.result()
                 if client in self._gone:  # nobody will ever pick it up
                     self.broker.release(lease.id, "abandoned")
                     return
-                wire = (
-                    lease.id,
-                    lease.fencing_token,
-                    lease.allocation,
-                    lease.ttl,
-                    lease.action.key,
-                    lease.grant,
-                )
-                item = (action_id, wire, None, None)
+                item = (action_id, grant_out(lease), None, None)
             self._inbox.setdefault(client, []).append(item)
             event = self._events.get(client)
             if event is not None:
@@ -365,7 +343,7 @@ class BrokerActor:
         for _, wire, _, _ in self._inbox.pop(client, []):
             if wire is not None:
                 with contextlib.suppress(TangramError):
-                    self.broker.release(wire[0], "abandoned")
+                    self.broker.release(wire["id"], "abandoned")
                 n += 1
         return n
 
@@ -375,24 +353,18 @@ class BrokerActor:
         on the node it was pinned to. Returns how many queued actions were cancelled."""
         self._adopt()
         pinned = [
-            (pool, mgr.pins[trajectory][0])
+            (pool, node)
             for pool, mgr in self.broker.core.pools.items()
-            if isinstance(mgr, CpuManager) and trajectory in mgr.pins
+            if (node := mgr.pin_of(trajectory)) is not None
         ]
         cancelled = self.broker.close_trajectory(trajectory)
         await self._remove_workdirs(trajectory, pinned)
         return cancelled
 
     async def observe_restore(self, pool: str, service: str, seconds: float) -> None:
-        """Feed a measured restore time into the GPU pool's cost model."""
-        mgr = self.broker.core.pools.get(pool)
-        if isinstance(mgr, GpuManager) and service in mgr.services:
-            mgr.observe_restore(service, seconds)
-
-    async def service_restore_seconds(self, pool: str, service: str) -> float:
-        mgr = self.broker.core.pools[pool]
-        assert isinstance(mgr, GpuManager)
-        return mgr.services[service].restore_seconds
+        """Feed a measured restore time into the GPU pool's cost model (a core event)."""
+        with contextlib.suppress(ValueError):  # a pool or service a restart dropped
+            self.broker.observe(pool, "restore_seconds", service, seconds)
 
     # ------------------------------------------------------------------ the HTTP hook
     async def serve_http(

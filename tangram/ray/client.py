@@ -34,6 +34,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from tangram.actions import Bound
+from tangram.errors import WireError, class_named, from_name
 from tangram.executors.api import HttpCall, HttpCaller
 from tangram.executors.fencing import FencingError, StaleLease
 from tangram.executors.sandbox import Command
@@ -47,11 +48,10 @@ from tangram.spec import (
     Lease,
     LeaseExpired,
     LeaseReleased,
-    QueueFull,
     TangramError,
     Unavailable,
-    UnknownLease,
 )
+from tangram.wire import lease_from_grant
 
 DEFAULT_NAME = "tangram"
 DEFAULT_NAMESPACE = "tangram"
@@ -60,20 +60,6 @@ RECONNECT = 60.0  # how long calls are sent again while the broker actor is rest
 RETRY_PAUSE = 0.2  # between two tries of a call that found the actor unavailable
 RETRY_RELEASE = 0.5  # before a release the journal could not make durable is sent again
 DUPES_KEPT = 10_000  # grants remembered to recognise one delivered twice
-
-_ERRORS: dict[str, type[TangramError]] = {
-    c.__name__: c
-    for c in (
-        InvalidAction,
-        UnknownLease,
-        LeaseExpired,
-        LeaseReleased,
-        ActionCancelled,
-        QueueFull,
-        Unavailable,
-    )
-}
-_ERRORS["JournalUnavailable"] = Unavailable  # the broker's journal cannot write
 
 
 class ExecutorError(TangramError):
@@ -84,8 +70,9 @@ class BrokerNotFound(TangramError):
     """No broker actor under that name and namespace."""
 
 
-def _error(name: str | None, message: str | None) -> TangramError:
-    return _ERRORS.get(name or "", TangramError)(message or name or "error")
+def _unavailable(name: str | None) -> bool:
+    # Done by the broker but not durable yet (its journal cannot write): ask again.
+    return issubclass(class_named(name), Unavailable)
 
 
 def _check_request(request: Any) -> None:
@@ -460,36 +447,37 @@ class Client:
             action = self._actions.pop(action_id, None)
             resent = action_id in self._resent
             self._resent.discard(action_id)
-            if wire is not None and self._dupes.get(action_id) == wire[0]:
+            grant_id = None if wire is None else wire.get("id")
+            if wire is not None and self._dupes.get(action_id) == grant_id:
                 del self._dupes[action_id]  # the second delivery of a grant already given
                 continue
-            if wire is not None and resent and fut is not None and not fut.done():
-                self._dupes[action_id] = wire[0]
+            if grant_id is not None and resent and fut is not None and not fut.done():
+                self._dupes[action_id] = grant_id
                 if len(self._dupes) > DUPES_KEPT:
                     del self._dupes[next(iter(self._dupes))]
-            if wire is not None and (fut is None or fut.done() or action is None):
+            if grant_id is not None and (fut is None or fut.done() or action is None):
                 # Its caller gave up (timeout, cancellation): give the grant back.
-                self._releases.append((wire[0], "abandoned", None))
-                self._release_args[wire[0]] = ("abandoned", None)
-                self._releasing[wire[0]] = asyncio.get_running_loop().create_future()
-                self._kick()
+                self._abandon_grant(grant_id)
                 continue
             if fut is None or fut.done() or action is None:
                 continue
             if wire is not None:
-                lease_id, token, alloc, ttl, key, grant = wire
-                action.key = key  # the broker may have inferred it
-                # Times on this process's monotonic clock (the broker's is not ours).
-                now = time.monotonic()
-                lease = Lease(lease_id, action, token, alloc, now, now + ttl, ttl)
-                lease.grant = grant
+                try:
+                    # Times on this process's monotonic clock (the broker's is not ours);
+                    # the action's key is the broker's, which may have inferred it.
+                    lease = lease_from_grant(wire, action, time.monotonic())
+                except WireError as exc:  # a broker of another version: nobody holds it
+                    if grant_id is not None:
+                        self._abandon_grant(grant_id)
+                    fut.set_exception(exc)
+                    continue
                 fut.set_result(lease)
             else:
-                fut.set_exception(_error(err, msg))
+                fut.set_exception(from_name(err, msg))
         for lease_id, err, msg in released:
             resent = lease_id in self._resent_releases
             self._resent_releases.discard(lease_id)
-            if _ERRORS.get(err or "") is Unavailable and lease_id in self._release_args:
+            if _unavailable(err) and lease_id in self._release_args:
                 # Done, but not durable yet: ask again until the journal has it.
                 asyncio.get_running_loop().call_later(RETRY_RELEASE, self._resend_release, lease_id)
                 continue
@@ -502,14 +490,14 @@ class Client:
                     # lease): either way it is gone and its units are free.
                     rfut.set_result(None)
                 else:
-                    rfut.set_exception(_error(err, msg))
+                    rfut.set_exception(from_name(err, msg))
                     rfut.exception()  # retrieved: an abandoned release may have no reader
         for lease_id, err, msg in failed:
-            if _ERRORS.get(err or "") is Unavailable:
+            if _unavailable(err):
                 continue  # renewed but not durable yet: the next heartbeat tries again
             self._held_leases.pop(lease_id, None)
             if self._held.pop(lease_id, None) is not None:
-                self._lost[lease_id] = _error(err, msg)
+                self._lost[lease_id] = from_name(err, msg)
         for lease_id, grant in refreshed:
             held = self._held_leases.get(lease_id)
             if held is not None and (held.grant is None or grant.expires > held.grant.expires):
@@ -581,6 +569,13 @@ class Client:
                 self._submits.append(action)
         # Restored leases kept counting down while the actor was away: renew them now.
         self._beats = list(dict.fromkeys([*self._beats, *self._held]))
+        self._kick()
+
+    def _abandon_grant(self, lease_id: str) -> None:
+        """Give back a grant nobody will hold (its caller gave up)."""
+        self._releases.append((lease_id, "abandoned", None))
+        self._release_args[lease_id] = ("abandoned", None)
+        self._releasing[lease_id] = asyncio.get_running_loop().create_future()
         self._kick()
 
     def _resend_release(self, lease_id: str) -> None:

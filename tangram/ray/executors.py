@@ -21,11 +21,11 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tangram.config import Config, CpuPoolConfig, GpuPoolConfig
+from tangram.config import Config
 from tangram.executors.fencing import SignedGrant, key_id
 from tangram.executors.sandbox import Command, CommandResult, SandboxRunner
 from tangram.executors.service import ServiceHost, ServiceResult, ServiceSpec
-from tangram.spec import TangramError
+from tangram.spec import Resident, TangramError
 
 
 class PlacementError(ValueError):
@@ -94,7 +94,7 @@ class ServiceActor:
         self,
         service: str,
         units: Sequence[int],
-        evicts: Sequence[str],
+        evicts: Sequence[Resident],
         payload: Any,
         grant: SignedGrant | None = None,
     ) -> ServiceResult:
@@ -106,7 +106,7 @@ class ServiceActor:
             "ray_node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "services": sorted(self.host.specs),
-            "resident": sorted(f"{s}/tp{k}:{u}" for s, k, u in self.host.resident),
+            "resident": self.host.residents(),
             "key_id": self.key_id,
         }
 
@@ -172,10 +172,11 @@ def start_executors(
     specs = list(services)
     root = sandbox_root or os.path.join(tempfile.gettempdir(), "tangram-sandbox", broker)
     started: list[Any] = []
-    for pool, pc in config.pools.items():
-        if isinstance(pc, CpuPoolConfig):
-            names = list(config.build_pools()[pool].nodes)  # type: ignore[attr-defined]
-            for node in names:
+    # A sandbox executor per node of each CPU pool, a service executor per node of each
+    # GPU pool (by kind name: which executor runs what is this module's business).
+    for pool, mgr in config.build_pools().items():
+        if mgr.kind == "cpu":
+            for node in mgr.partitions():
                 cls: Any = ray.remote(SandboxActor)
                 opts = _options(
                     executor_name(broker, "sandbox", pool, node),
@@ -189,9 +190,9 @@ def start_executors(
                         os.path.join(root, pool, node), node, sandbox_isolate, fencing_key, pool
                     )
                 )
-        elif isinstance(pc, GpuPoolConfig):
-            mgr = config.build_pools()[pool]
-            for node, gnode in mgr.nodes.items():  # type: ignore[attr-defined]
+        elif mgr.kind == "gpu":
+            gpus = mgr.usage()
+            for node in mgr.partitions():
                 cls = ray.remote(ServiceActor)
                 opts = _options(
                     executor_name(broker, "service", pool, node),
@@ -201,7 +202,7 @@ def start_executors(
                     detached,
                 )
                 if device_kind == "cuda":
-                    opts["num_gpus"] = gnode.gpus
+                    opts["num_gpus"] = gpus[node][0]
                 started.append(
                     cls.options(**opts).remote(node, device_kind, specs, fencing_key, pool)
                 )

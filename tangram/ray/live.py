@@ -2,7 +2,7 @@
 
 Each trajectory alternates a generation gap (the LLM thinking: a sleep) with real sandbox
 actions in its working directory: write a file, run a Python snippet, run the pytest
-suite that ships with the project (``tests/fixtures/sandbox_suite``, with ``-n {dop}``
+suite that ships with the package (``tangram/ray/live_suite``, with ``-n {dop}``
 through pytest-xdist when it is installed). The same workload runs twice on the same
 cores:
 
@@ -11,6 +11,9 @@ cores:
 - ``reservation``: each trajectory reserves a fixed share of the cores for its whole
   life (gaps included) and runs every action on them, as stacks that bind sandboxes to
   trajectories do; trajectories beyond the cores wait for a reservation.
+
+The command object is ``tangram.cli.live_command``, apart from this module so that
+building the CLI does not import Ray.
 
 It prints the average action completion time (ACT: from the moment the trajectory wants
 the action to its result, queueing included) and the step time (until every trajectory
@@ -38,14 +41,10 @@ import tangram.ray as tr
 from tangram.executors.sandbox import Command, isolation_problem
 from tangram.spec import Action, Lease
 
-SUITE_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "sandbox_suite"
-# Used when the project's tests are not installed beside the package (a wheel install).
-_FALLBACK_SUITE = {
-    "solution.py": "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
-    "        a, b = b, a + b\n    return a\n",
-    "check_solution.py": "from solution import fib\n\n"
-    "def test_fib():\n    assert [fib(i) for i in range(6)] == [0, 1, 1, 2, 3, 5]\n",
-}
+# The "agent's repo" the workload tests: files shipped into sandboxes, not modules of
+# Tangram (its tests import ``solution`` from their own directory). It ships with the
+# package, so the benchmark runs the same suite from a checkout and from a wheel.
+SUITE_DIR = Path(__file__).resolve().parent / "live_suite"
 SNIPPET = (
     "import json, math\n"
     "print(json.dumps({'primes': [n for n in range(2, 20000) "
@@ -54,9 +53,8 @@ SNIPPET = (
 
 
 def suite_files() -> dict[str, str]:
-    if SUITE_DIR.is_dir():
-        return {p.name: p.read_text() for p in sorted(SUITE_DIR.glob("*.py"))}
-    return dict(_FALLBACK_SUITE)
+    """The suite's files by name, to write into a trajectory's working directory."""
+    return {p.name: p.read_text() for p in sorted(SUITE_DIR.glob("*.py"))}
 
 
 @dataclass(slots=True)

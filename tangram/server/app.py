@@ -11,6 +11,7 @@ from fastapi import FastAPI, Path, Query, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tangram import wire
 from tangram.broker import Broker
 from tangram.config import Config, Tenant
 from tangram.server import limits, observe, openapi, parse, problems
@@ -217,8 +218,7 @@ def create_app(
     )
     async def close_trajectory(request: Request, trajectory_id: TrajectoryId) -> Response:
         tenant = svc.tenant(request)
-        traj = trajectory_id if tenant is None else f"{tenant}/{trajectory_id}"
-        n = svc.broker.close_trajectory(traj)
+        n = svc.broker.close_trajectory(wire.namespaced(tenant, trajectory_id))
         await svc.broker.sync()
         return respond({"trajectory": trajectory_id, "cancelled": n})
 

@@ -21,14 +21,8 @@ def describe(cfg: Config) -> str:
     """Pools in a few words: ``cpu (cpu, 8 cores on 1 node), api (quota, 16 permits at once)``."""
     parts = []
     for name, mgr in cfg.build_pools().items():
-        use = mgr.usage()
-        units = sum(c for c, _ in use.values())
-        if mgr.kind == "quota":
-            size = f", {units} permits at once" if units else ""
-        else:
-            word = "cores" if mgr.kind == "cpu" else "GPUs"
-            size = f", {units} {word} on {len(use)} node{'s' if len(use) != 1 else ''}"
-        parts.append(f"{name} ({mgr.kind}{size})")
+        size = mgr.describe()
+        parts.append(f"{name} ({mgr.kind}{', ' + size if size else ''})")
     return ", ".join(parts)
 
 

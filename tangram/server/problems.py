@@ -12,18 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from tangram.spec import (
-    InvalidAction,
-    LeaseExpired,
-    LeaseReleased,
-    QueueFull,
-    TangramError,
-    Unavailable,
-    UnknownLease,
-)
+from tangram.errors import TYPE_BASE, QueueFull, TangramError, Unavailable, code_of
 
 PROBLEM = "application/problem+json"
-TYPE_BASE = "https://tangram.dev/problems/"  # stable identifiers; documented in http-api.md
 
 
 class Problem(Exception):
@@ -55,6 +46,8 @@ class Problem(Exception):
         return Response(orjson.dumps(body), self.status, self.headers, media_type=PROBLEM)
 
 
+# The types of problems no error class stands for (the HTTP layer's own); an error
+# Tangram raises answers with its status and type from tangram.errors.CODES.
 _KINDS = {
     400: "bad-request",
     401: "unauthorized",
@@ -71,22 +64,13 @@ _KINDS = {
 
 
 def from_tangram(exc: TangramError) -> Problem:
-    """The status for each error the core raises on purpose."""
-    if isinstance(exc, InvalidAction):
-        return Problem(422, str(exc), kind="invalid-action")
-    if isinstance(exc, LeaseExpired):
-        return Problem(410, str(exc))
-    if isinstance(exc, LeaseReleased):
-        return Problem(409, str(exc), kind="lease-released")
-    if isinstance(exc, UnknownLease):
-        return Problem(404, str(exc))
-    if isinstance(exc, Unavailable):
-        after = max(1, round(exc.retry_after))
-        return Problem(503, str(exc), headers={"Retry-After": str(after)})
-    if isinstance(exc, QueueFull):
-        after = max(1, round(exc.retry_after))
-        return Problem(429, str(exc), headers={"Retry-After": str(after)})
-    return Problem(409, str(exc))
+    """The answer to an error the broker raised on purpose: its status and type from the
+    one table (tangram/errors.py), and when to retry for those that say."""
+    code = code_of(exc)
+    headers = None
+    if isinstance(exc, (Unavailable, QueueFull)):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return Problem(code.status, str(exc), kind=code.kind, headers=headers)
 
 
 def _where(loc: tuple[Any, ...]) -> str:

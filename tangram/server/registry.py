@@ -12,6 +12,7 @@ import asyncio
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
+from tangram import wire
 from tangram.spec import Action, Lease
 
 KEPT = 100_000
@@ -104,8 +105,7 @@ class Registry:
         holder can heartbeat and release it, and a retried submit with its idempotency
         key gets it back."""
         a = lease.action
-        prefix = f"{a.tenant}/" if a.tenant is not None else ""
-        traj = a.trajectory.removeprefix(prefix)
+        traj = wire.local_trajectory(a.tenant, a.trajectory)
         future.set_result(lease)
         idem = (a.tenant, a.idempotency_key) if a.idempotency_key is not None else None
         rec = Record(a, a.tenant, traj, future, idem, lease=lease)
@@ -120,8 +120,7 @@ class Registry:
     def adopt_queued(self, action: Action, future: asyncio.Future[Lease]) -> Record:
         """A record for an action that was queued before a restart: its client's polls
         find it under the same id, and a retried submit under its key."""
-        prefix = f"{action.tenant}/" if action.tenant is not None else ""
-        traj = action.trajectory.removeprefix(prefix)
+        traj = wire.local_trajectory(action.tenant, action.trajectory)
         idem = (action.tenant, action.idempotency_key) if action.idempotency_key else None
         rec = Record(action, action.tenant, traj, future, idem)
         self.add(rec)

@@ -18,7 +18,7 @@ from tangram.config import Config, Tenant
 from tangram.server.problems import Problem
 from tangram.server.registry import Record, Registry
 from tangram.server.wire import action_json, respond
-from tangram.spec import Lease
+from tangram.spec import Lease, UnknownAction, UnknownLease
 
 
 class Service:
@@ -108,7 +108,7 @@ class Service:
     def record(self, action_id: str, tenant: str | None) -> Record:
         rec = self.registry.get(action_id, tenant)
         if rec is None:
-            raise Problem(404, f"no action {action_id!r}" + _for(tenant))
+            raise UnknownAction(f"no action {action_id!r}" + _for(tenant))
         return rec
 
     def check_holder(self, rec: Record, fencing_token: int | None) -> None:
@@ -127,7 +127,7 @@ class Service:
     def lease_record(self, lease_id: str, tenant: str | None) -> Record:
         rec = self.registry.by_lease_id(lease_id, tenant)
         if rec is None:
-            raise Problem(404, f"no lease {lease_id!r}" + _for(tenant))
+            raise UnknownLease(f"no lease {lease_id!r}" + _for(tenant))
         return rec
 
 

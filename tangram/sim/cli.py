@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tangram.config import ConfigError, load_config
-from tangram.executors.live_cli import live_command
 from tangram.sim import report
-from tangram.sim.baselines import NaiveApiParams, PodParams, StaticParams
+from tangram.sim.baselines.k8s_pod import PodParams
+from tangram.sim.baselines.naive_api import NaiveApiParams
+from tangram.sim.baselines.static import StaticParams
 from tangram.sim.engine import SimulationStuck
 from tangram.sim.run import act_series, check_policy, simulate
 from tangram.sim.trace import TraceError, TrajectorySpec, read_trace, write_trace
@@ -371,7 +372,7 @@ def sweep(
 @bench_app.command("workloads")
 def workloads() -> None:
     """List the workloads and baselines with their parameters (see tangram/sim/workloads.py
-    and baselines.py for the paper fact or assumption behind each)."""
+    and tangram/sim/baselines/ for the paper fact or assumption behind each)."""
     for name, params in (
         ("coding", CodingParams()),
         ("deepsearch", DeepSearchParams()),
@@ -386,8 +387,3 @@ def workloads() -> None:
         ("naive-api", NaiveApiParams()),
     ):
         console.print(f"[bold]baseline {name}[/bold]: {dataclasses.asdict(base)}")
-
-
-# The live benchmark runs real sandbox actions on a local Ray cluster (tangram/ray/live.py);
-# its module imports Ray only when the command runs.
-bench_app.command("live")(live_command)

@@ -5,7 +5,7 @@ start together, each runs its actions one after another separated by generation 
 and the next step starts when the last trajectory of the previous one ends. Who decides
 when an action runs and how long it takes is the executor's business: ``CoreExecutor``
 (tangram/sim/executor.py) drives the real ``tangram.core.state.Core``; the baselines in
-tangram/sim/baselines.py model what the paper compares against.
+tangram/sim/baselines/ model what the paper compares against.
 
 Events at the same virtual time are all processed before the executor ``settle``s once
 (one scheduling round per instant, as the live broker coalesces a burst of changes).

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from tangram.core.managers.base import Manager
-from tangram.core.managers.quota import QuotaManager
 from tangram.core.policy import Policy
 from tangram.core.state import Core, counting_ids
 from tangram.sim.engine import ActionRun, Runner
@@ -82,7 +81,9 @@ class CoreExecutor:
         # The providers behind the quota pools: every grant is replayed against them, so
         # a broker that let a call over the limit is caught, not assumed away.
         self.providers = {
-            n: Provider.of_manager(m) for n, m in pools.items() if isinstance(m, QuotaManager)
+            n: Provider.of_limits(m.limits)  # type: ignore[attr-defined]
+            for n, m in pools.items()
+            if m.kind == "quota"
         }
         self.quota_violations = 0
         self.restores = 0  # grants that paid a restore

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 
 from tangram.config import QuotaPoolConfig, build_pool
-from tangram.core.managers.quota import QuotaManager
+from tangram.core.managers.quota import QuotaLimits
 
 
 class Provider:
@@ -64,17 +64,11 @@ class Provider:
     @staticmethod
     def of(cfg: QuotaPoolConfig) -> Provider:
         # Built through the broker's own pool: one reading of the limits, not two.
-        mgr = build_pool("api", cfg)
-        assert isinstance(mgr, QuotaManager)
-        return Provider.of_manager(mgr)
+        return Provider.of_limits(build_pool("api", cfg).limits)  # type: ignore[attr-defined]
 
     @staticmethod
-    def of_manager(mgr: QuotaManager) -> Provider:
-        window = None
-        if mgr.window_limit is not None and mgr.window_seconds is not None:
-            window = (mgr.window_limit, mgr.window_seconds)
-        rate = (mgr.rate.rate, mgr.rate.capacity) if mgr.rate is not None else None
-        return Provider(mgr.concurrency, window, rate)
+    def of_limits(limits: QuotaLimits) -> Provider:
+        return Provider(limits.concurrency, limits.window, limits.rate)
 
     def done(self) -> None:
         self.in_flight -= 1

@@ -15,14 +15,9 @@ import numpy as np
 
 from tangram.config import parse_config
 from tangram.core.policy import parse_policy
-from tangram.sim.baselines import (
-    NaiveApiExecutor,
-    NaiveApiParams,
-    PodExecutor,
-    PodParams,
-    StaticParams,
-    static_setup,
-)
+from tangram.sim.baselines.k8s_pod import PodExecutor, PodParams
+from tangram.sim.baselines.naive_api import NaiveApiExecutor, NaiveApiParams
+from tangram.sim.baselines.static import StaticParams, static_setup
 from tangram.sim.engine import Executor, Runner
 from tangram.sim.executor import CoreExecutor
 from tangram.sim.trace import TrajectorySpec

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tangram.spec import Amdahl, Demand, Efficiency, InvalidAction, parse_efficiency
+from tangram import wire
+from tangram.spec import Demand, Efficiency, InvalidAction, parse_efficiency
 
 
 class TraceError(ValueError):
@@ -45,30 +46,14 @@ class TrajectorySpec:
     actions: list[ActionSpec] = field(default_factory=list)
 
 
-def _efficiency_to_wire(eff: Efficiency | None) -> Any:
-    if eff is None:
-        return None
-    if isinstance(eff, Amdahl):
-        return {"amdahl": eff.parallel_fraction}
-    return {"table": {str(m): e for m, e in eff.table}}
+# The fields a trace's action line shares with an action, written as tangram.wire writes
+# them (the line adds its kind, trajectory, gap and label; docs/trace-format.md).
+TRACE_FIELDS = wire.action_fields("demands", "key", "duration", "efficiency", "service", "tokens")
 
 
 def action_to_wire(trajectory: str, a: ActionSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "kind": "action",
-        "trajectory": trajectory,
-        "gap": a.gap,
-        "demands": {p: d.to_wire() for p, d in a.demands.items()},
-        "duration": a.duration,
-    }
-    if a.key is not None:
-        out["key"] = a.key
-    if a.efficiency is not None:
-        out["efficiency"] = _efficiency_to_wire(a.efficiency)
-    if a.service is not None:
-        out["service"] = a.service
-    if a.tokens is not None:
-        out["tokens"] = a.tokens
+    out: dict[str, Any] = {"kind": "action", "trajectory": trajectory, "gap": a.gap}
+    out.update(wire.encode_fields(a, TRACE_FIELDS))
     if a.kind:
         out["label"] = a.kind
     return out

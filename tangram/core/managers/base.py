@@ -9,7 +9,8 @@ then commits the decisions with ``allocate``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tangram.spec import Action, Allocation, Demand
@@ -85,11 +86,27 @@ class Scratch(ABC):
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class MetricFamily:
+    """A metric a kind of manager exports beyond the ones every pool has: Prometheus
+    name (without ``tangram_``), type, help, and labels besides ``pool``."""
+
+    name: str
+    type: str  # counter | gauge
+    doc: str
+    labels: tuple[str, ...] = ()
+
+
 class Manager(ABC):
-    """One pool of units behind the interface the scheduler uses."""
+    """One pool of units behind the interface the scheduler uses, and the one interface
+    that configuration, metrics, the CLI and drivers see (nothing outside
+    tangram/core/managers/ and the kind registry names a concrete manager)."""
 
     kind: ClassVar[str]
     has_extra_cost: ClassVar[bool] = False  # whether extra_cost can be non-zero
+    runs_services: ClassVar[bool] = False  # whether actions name a service to run here
+    unit: ClassVar[str] = "units"  # what one unit is called, in plural ("cores", "GPUs")
+    metrics: ClassVar[tuple[MetricFamily, ...]] = ()  # exported by ``samples``
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -134,6 +151,40 @@ class Manager(ABC):
     def failed(self, action: Action, alloc: Allocation) -> None:
         """The holder released with outcome "error": forget what the grant assumed would
         happen on the units (a GPU restore that may never have completed)."""
+
+    def serves(self, service: str) -> bool:
+        """Whether this pool knows the service (a GPU pool's model)."""
+        return False
+
+    def observe(self, what: str, key: str, value: float) -> None:
+        """A measurement from an executor that corrects the cost model (a GPU service's
+        restore time); ValueError for one this pool does not take."""
+        raise ValueError(f"pool {self.name!r} ({self.kind}) takes no {what!r} measurements")
+
+    # ---- what the drivers see -------------------------------------------------------
+    def partitions(self) -> list[str]:
+        """The nodes of this pool (where executors run); none for a pool without nodes."""
+        return [n for n in self.usage() if n]
+
+    def pin_of(self, trajectory: str) -> str | None:
+        """The node the trajectory is pinned to between actions, if it is."""
+        return None
+
+    def describe(self) -> str:
+        """The pool in a few words: ``8 cores on 1 node``."""
+        use = self.usage()
+        units = sum(c for c, _ in use.values())
+        nodes = len(use)
+        return f"{units} {self.unit} on {nodes} node{'s' if nodes != 1 else ''}"
+
+    def samples(self, now: float) -> Iterable[tuple[str, tuple[str, ...], float]]:
+        """Values of ``metrics`` now: (family name, its extra label values, value)."""
+        return ()
+
+    def counters(self) -> dict[str, float]:
+        """The pool's accounting beyond the snapshot, by name (for drivers that have no
+        Prometheus registry, e.g. a Ray client)."""
+        return {}
 
     def held_cost(self, action: Action, alloc: Allocation) -> float:
         """Time a granted action pays on top of its duration (a restore it needed)."""

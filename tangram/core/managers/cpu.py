@@ -35,6 +35,7 @@ class CpuNode:
 
 class CpuManager(Manager):
     kind = "cpu"
+    unit = "cores"
 
     def __init__(self, name: str, nodes: Sequence[CpuNode]) -> None:
         super().__init__(name)
@@ -188,6 +189,10 @@ class CpuManager(Manager):
         self.release(action, alloc, now, None)
         if alloc.pinned:
             self.close_trajectory(action.trajectory)
+
+    def pin_of(self, trajectory: str) -> str | None:
+        pin = self.pins.get(trajectory)
+        return pin[0] if pin is not None else None
 
     def close_trajectory(self, trajectory: str) -> str | None:
         pin = self.pins.pop(trajectory, None)

@@ -15,8 +15,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tangram.core.managers.base import Manager, Operator, Scratch
-from tangram.spec import Action, Allocation, Demand, InvalidAction
+from tangram.core.managers.base import Manager, MetricFamily, Operator, Scratch
+from tangram.spec import Action, Allocation, Demand, InvalidAction, Resident
 
 Variant = tuple[str, int]  # (service, parallelism)
 
@@ -85,6 +85,16 @@ class ChunkOperator(Operator):
 class GpuManager(Manager):
     kind = "gpu"
     has_extra_cost = True
+    runs_services = True
+    unit = "GPUs"
+    metrics = (
+        MetricFamily("gpu_restores", "counter", "Grants that restored a service."),
+        MetricFamily("gpu_evictions", "counter", "Resident services evicted."),
+        MetricFamily("gpu_cache_hits", "counter", "Grants whose service was resident."),
+        MetricFamily(
+            "gpu_restore_seconds", "counter", "Restore time paid (estimated or measured)."
+        ),
+    )
 
     def __init__(
         self, name: str, nodes: Sequence[GpuNode], services: Sequence[Service] = ()
@@ -176,6 +186,30 @@ class GpuManager(Manager):
             self._extra_memo[key] = cost
         return cost
 
+    def observe(self, what: str, key: str, value: float) -> None:
+        if what != "restore_seconds" or key not in self.services:
+            super().observe(what, key, value)
+        self.observe_restore(key, value)
+
+    def samples(self, now: float) -> list[tuple[str, tuple[str, ...], float]]:
+        return [
+            ("gpu_restores", (), self.restores),
+            ("gpu_evictions", (), self.evictions),
+            ("gpu_cache_hits", (), self.cache_hits),
+            ("gpu_restore_seconds", (), self.restore_seconds_total),
+        ]
+
+    def counters(self) -> dict[str, float]:
+        out = {
+            "restores": float(self.restores),
+            "evictions": float(self.evictions),
+            "cache_hits": float(self.cache_hits),
+            "restore_seconds_total": self.restore_seconds_total,
+        }
+        for svc in self.services.values():
+            out[f"restore_seconds:{svc.name}"] = svc.restore_seconds
+        return out
+
     def observe_restore(self, service: str, seconds: float) -> None:
         """Feed a measured restore time back into the cost model (moving average)."""
         svc = self.services[service]
@@ -194,8 +228,8 @@ class GpuManager(Manager):
         self.resident.get((service, k), set()).discard((node, start))
         self.evictions += 1
 
-    def _place(self, svc: Service, k: int, node: str, start: int) -> tuple[bool, list[str]]:
-        """Make the variant resident on the chunk; return (restore needed, evicted names)."""
+    def _place(self, svc: Service, k: int, node: str, start: int) -> tuple[bool, list[Resident]]:
+        """Make the variant resident on the chunk; return (restore needed, what it evicted)."""
         entry = (svc.name, k, start)
         caches = self.cache[node]
         if self.is_resident(svc.name, k, node, start):
@@ -205,12 +239,12 @@ class GpuManager(Manager):
             return False, []
         fp = svc.footprint(k)
         cap = self.nodes[node].memory_gb
-        evicted: list[str] = []
+        evicted: list[Resident] = []
         for g in range(start, start + k):
             while self.mem_used[node][g] + fp > cap + 1e-9 and caches[g]:
                 victim = next(iter(caches[g]))
                 self._evict(node, victim)
-                evicted.append(f"{victim[0]}/tp{victim[1]}@{node}:{victim[2]}")
+                evicted.append(Resident(victim[0], victim[1], node, victim[2]))
         for g in range(start, start + k):
             caches[g][entry] = fp
             self.mem_used[node][g] += fp
@@ -260,7 +294,7 @@ class GpuManager(Manager):
         svc = self.services.get(action.service) if action.service else None
         self.tick(now)
         self._take(node, start, size, sub, amount)
-        restore, evicted = False, list[str]()
+        restore, evicted = False, list[Resident]()
         if svc is not None:
             restore, evicted = self._place(svc, amount, node, sub)
             if restore:
@@ -328,6 +362,9 @@ class GpuManager(Manager):
         ):
             self._evict(node, (svc, alloc.amount, alloc.units[0]))
             self.evictions -= 1  # not an eviction the cache chose
+
+    def serves(self, service: str) -> bool:
+        return service in self.services
 
     def held_cost(self, action: Action, alloc: Allocation) -> float:
         if alloc.restore and action.service is not None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
-from tangram.core.managers.base import CountOperator, Manager, Operator, Scratch
+from tangram.core.managers.base import CountOperator, Manager, MetricFamily, Operator, Scratch
 from tangram.spec import Action, Allocation, Demand, InvalidAction
 
 _EPS = 1e-9
@@ -41,8 +42,31 @@ class _Bucket:
         return now if short <= _EPS else now + short / self.rate
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaLimits:
+    """Calls in flight; (calls, seconds) of a sliding window; (per second, burst)."""
+
+    concurrency: int | None
+    window: tuple[int, float] | None
+    rate: tuple[float, float] | None
+
+
 class QuotaManager(Manager):
     kind = "quota"
+    unit = "permits"
+    metrics = (
+        MetricFamily(
+            "quota_throttled",
+            "counter",
+            "Actions held back by a quota's rate, window or token limit (once per action).",
+        ),
+        MetricFamily(
+            "quota_available", "gauge", "Permits or tokens a quota pool has now, per limit.",
+            ("limit",),
+        ),
+        MetricFamily("quota_tokens_estimated", "counter", "Tokens charged at grant (estimates)."),
+        MetricFamily("quota_tokens_used", "counter", "Tokens reported used at release."),
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -230,6 +254,33 @@ class QuotaManager(Manager):
     # ---- capacity ---------------------------------------------------------------------
     def usage(self) -> dict[str, tuple[int, int]]:
         return {"": (self.concurrency or 0, self.in_use)}
+
+    def describe(self) -> str:
+        return f"{self.concurrency} permits at once" if self.concurrency else ""
+
+    def samples(self, now: float) -> list[tuple[str, tuple[str, ...], float]]:
+        out: list[tuple[str, tuple[str, ...], float]] = [
+            ("quota_throttled", (), self.throttled_total),
+            ("quota_tokens_estimated", (), self.tokens_estimated_total),
+            ("quota_tokens_used", (), self.tokens_used_total),
+        ]
+        out += [("quota_available", (limit,), v) for limit, v in self.available(now).items()]
+        return out
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "tokens_estimated_total": float(self.tokens_estimated_total),
+            "tokens_used_total": float(self.tokens_used_total),
+        }
+
+    @property
+    def limits(self) -> QuotaLimits:
+        """The limits a provider enforces (what the simulator's provider model needs)."""
+        window = None
+        if self.window_limit is not None and self.window_seconds is not None:
+            window = (self.window_limit, self.window_seconds)
+        rate = (self.rate.rate, self.rate.capacity) if self.rate is not None else None
+        return QuotaLimits(self.concurrency, window, rate)
 
     def available(self, now: float) -> dict[str, float]:
         """Permits or tokens available now, per limit."""

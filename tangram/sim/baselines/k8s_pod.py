@@ -1,39 +1,21 @@
-"""The paper's baselines that are not scheduling policies of the core.
+"""The ``k8s-pod`` baseline (paper, coding baseline): one Kubernetes pod per trajectory.
 
-Each is modelled here, apart from the core, with the paper fact it rests on; what the
-paper does not say is marked "assumed" and documented in docs/benchmarks.md.
-
-- ``k8s-pod`` (paper, coding baseline): one Kubernetes pod per trajectory, created at
-  its start, 0.5 CPU requested and 4 CPU limit. Pods are placed by *request* (the
-  scheduler never sees use), so busy pods on one node contend for its cores.
-- ``static`` (paper, MOPD baseline: nine teachers served statically on 4 GPUs each):
-  every GPU service gets its own GPUs, always resident, no sharing across services. This
-  one reuses the core (a pool per service, FCFS at that service's fixed parallelism),
-  since it is a different *configuration*, not a different scheduler.
-- ``naive-api`` (paper, DeepSearch baseline): each trajectory calls the APIs on its
-  own; a call over the provider's limit fails and is retried up to 3 times, on an error
-  or on a 600 s timeout; the rest (GPU judge) goes through the core as under tangram.
+A pod is created when its trajectory starts, with 0.5 CPU requested and a 4 CPU limit.
+Pods are placed by *request* (the scheduler never sees use), so busy pods on one node
+contend for its cores. Modelled apart from the core: Kubernetes is a different
+scheduler, not a policy of this one.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from tangram.config import QuotaPoolConfig, parse_config
-from tangram.core.policy import parse_policy
 from tangram.sim.engine import ActionRun, Runner
-from tangram.sim.executor import CoreExecutor
-from tangram.sim.provider import Provider
-from tangram.sim.trace import ActionSpec, TrajectorySpec
-from tangram.spec import Action, Demand
-
-# ----------------------------------------------------------------------------- k8s-pod
+from tangram.sim.trace import ActionSpec
+from tangram.spec import Action
 
 
 @dataclass(frozen=True)
@@ -242,173 +224,3 @@ class PodExecutor:
             "restores": 0,
             "pods_pending": self.unplaced,
         }
-
-
-# ----------------------------------------------------------------------------- static
-
-
-@dataclass(frozen=True)
-class StaticParams:
-    gpus_per_service: int = 4  # paper: nine teachers served statically, 4 GPUs each
-
-
-def static_setup(
-    config: dict[str, Any], trajs: list[TrajectorySpec], params: StaticParams
-) -> tuple[dict[str, Any], list[TrajectorySpec]]:
-    """Give every GPU service its own pool of ``gpus_per_service`` GPUs (one replica at
-    that tensor parallelism, always resident: restore 0) and pin every GPU action to its
-    service's pool at that parallelism. Other pools are left as they are."""
-    cfg = copy.deepcopy(config)
-    k = params.gpus_per_service
-    moved: dict[tuple[str, str], str] = {}
-    for name, pool in list(cfg["pools"].items()):
-        if pool.get("kind") != "gpu":
-            continue
-        mem = min(float(n.get("memory_gb", 80.0)) for n in pool["nodes"])
-        del cfg["pools"][name]
-        for svc, sc in pool.get("services", {}).items():
-            new = f"{name}/{svc}"
-            cfg["pools"][new] = {
-                "kind": "gpu",
-                "nodes": [{"name": svc, "gpus": k, "memory_gb": mem}],
-                "services": {svc: {**sc, "restore_seconds": 0.0, "parallelism": [k]}},
-            }
-            moved[(name, svc)] = new
-    out = []
-    for t in trajs:
-        nt = TrajectorySpec(t.id, t.task, t.step, t.memory_gb)
-        for a in t.actions:
-            gpu = [p for p in a.demands if (p, a.service or "") in moved]
-            if not gpu:
-                nt.actions.append(a)
-                continue
-            (pool,) = gpu
-            act = Action(
-                "x",
-                {pool: a.demands[pool]},
-                key=a.key,
-                duration=a.duration,
-                efficiency=a.efficiency,
-            )
-            demands = {p: d for p, d in a.demands.items() if p != pool}
-            demands[moved[(pool, a.service or "")]] = Demand.fixed(k)
-            nt.actions.append(
-                ActionSpec(
-                    gap=a.gap,
-                    demands=demands,
-                    duration=(act.duration_at(k) or 0.0) if a.key == pool else a.duration,
-                    service=a.service,
-                    tokens=a.tokens,
-                    kind=a.kind,
-                )
-            )
-        out.append(nt)
-    return cfg, out
-
-
-# ----------------------------------------------------------------------------- naive-api
-
-
-@dataclass(frozen=True)
-class NaiveApiParams:
-    retries: int = 3  # paper: up to 3 retries
-    timeout_s: float = 600.0  # paper: a 600 s timeout
-    # How a provider answers a call over its limit (assumed; the paper names both errors
-    # and timeouts): this share hangs until the client's timeout, the rest gets an error.
-    hang_share: float = 0.5
-    error_s: float = 1.0  # time to an error response (assumed)
-    backoff_s: float = 2.0  # first retry backoff, doubled each time (assumed)
-
-
-class NaiveApiExecutor:
-    """API-only actions call their provider directly; the rest go through the core."""
-
-    def __init__(
-        self, config: dict[str, Any], policy: str, params: NaiveApiParams, seed: int, check: bool
-    ) -> None:
-        cfg = parse_config(config)
-        self.p = params
-        self.providers = {
-            n: Provider.of(p) for n, p in cfg.pools.items() if isinstance(p, QuotaPoolConfig)
-        }
-        self.inner = CoreExecutor(cfg.build_pools(), parse_policy(policy), check=check)
-        self.rng = np.random.default_rng(seed)
-        self.failed_calls = 0
-        self.runner: Runner | None = None
-
-    def bind(self, runner: Runner) -> None:
-        self.runner = runner
-        self.inner.bind(runner)
-
-    def start_trajectory(self, traj: int, now: float) -> None:
-        self.inner.start_trajectory(traj, now)
-
-    def end_trajectory(self, traj: int, now: float) -> None:
-        self.inner.end_trajectory(traj, now)
-
-    def submit(self, run: ActionRun, now: float) -> None:
-        if not set(run.spec.demands) <= set(self.providers):
-            self.inner.submit(run, now)
-            return
-        run.started = now
-        self._call(run)
-
-    def _call(self, run: ActionRun) -> None:
-        assert self.runner is not None
-        now = self.runner.now
-        provs = [self.providers[p] for p in run.spec.demands]
-        taken = []
-        for pr in provs:
-            if pr.admit(now):
-                taken.append(pr)
-            else:
-                for t in taken:  # an all-or-nothing call: hand back what was taken
-                    t.in_flight -= 1
-                self._refused(run)
-                return
-        self.runner.at(now + run.spec.duration, self._answered, (run, taken))
-
-    def _answered(self, arg: tuple[ActionRun, list[Provider]]) -> None:
-        run, taken = arg
-        for pr in taken:
-            pr.done()
-        assert self.runner is not None
-        now = self.runner.now
-        run.exec_s = run.spec.duration
-        # Time lost to refusals and retries counts as queueing, as waiting in the broker
-        # would under tangram.
-        run.started = now - run.spec.duration
-        self.runner.finish(run, now)
-
-    def _refused(self, run: ActionRun) -> None:
-        assert self.runner is not None
-        self.failed_calls += 1
-        hang = self.rng.random() < self.p.hang_share
-        lost = self.p.timeout_s if hang else self.p.error_s
-        if run.retries >= self.p.retries:
-            run.failed = True
-            run.started = self.runner.now + lost
-            self.runner.at(self.runner.now + lost, self._give_up, run)
-            return
-        wait = lost + self.p.backoff_s * 2**run.retries
-        run.retries += 1
-        self.runner.at(self.runner.now + wait, self._call, run)
-
-    def _give_up(self, run: ActionRun) -> None:
-        assert self.runner is not None
-        self.runner.finish(run, self.runner.now)
-
-    def settle(self, now: float) -> None:
-        self.inner.settle(now)
-
-    def stuck_report(self) -> str:
-        return self.inner.stuck_report()
-
-    def result(self, now: float) -> dict[str, Any]:
-        out = self.inner.result(now)
-        for name in self.providers:  # the core never saw these calls
-            out["pools"].pop(name, None)
-        out["failed_calls"] = self.failed_calls
-        # Every refused call went over a provider's limit.
-        out["quota_violations"] = self.failed_calls
-        return out

@@ -1,0 +1,70 @@
+"""The interface every scheduling policy implements, and the simplest policy: FCFS at
+the minimum amount (``min``).
+
+The core runs one FCFS round per call of ``Core.schedule``: it walks the queue in order
+and admits every action whose amounts fit, unless an earlier waiter competes for the
+same units. A policy decides, at fixed points of that round (as plugins do at the
+extension points of the Kubernetes scheduler framework):
+
+| hook | when | what the policy decides |
+|---|---|---|
+| ``bind(pools)`` | the core is built | a policy of its own for this core (state, if any) |
+| ``prepare(entry)`` | an action is queued | what it wants cached for its rounds |
+| ``key_amount(amounts)`` | admission | the amount on the key pool an action is admitted at |
+| ``lookahead`` | admission | how many waiters past saturation ``arrange`` wants to see |
+| ``arrange(...)`` | after admission | final amounts of admitted actions; which to defer |
+| ``on_grant(lease)``, ``on_end(lease)`` | a lease begins, ends | its own index of running leases |
+
+A policy never allocates units and never reads a clock: the core passes ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from tangram.core.entries import Admitted, Entry
+
+if TYPE_CHECKING:
+    from tangram.core.managers.base import Manager, Scratch
+    from tangram.spec import Lease
+
+
+class Policy:
+    """FCFS at the minimum amount: every hook does nothing beyond admission."""
+
+    name = "min"
+    # Waiters past saturation the round collects for ``arrange`` (0: it needs none).
+    lookahead = 0
+
+    def bind(self, pools: Mapping[str, Manager]) -> Policy:
+        """This policy for one core over ``pools``; a stateless policy is its own."""
+        return self
+
+    def prepare(self, entry: Entry) -> None:
+        """An action was queued."""
+
+    def key_amount(self, amounts: tuple[int, ...]) -> int:
+        """The amount on the key pool that admission checks (``arrange`` may change it)."""
+        return amounts[0]
+
+    def arrange(
+        self,
+        admitted: list[Admitted],
+        waiting: list[Entry],
+        scratches: Mapping[str, Scratch],
+        now: float,
+        deferred: set[str],
+    ) -> None:
+        """Set the final amounts of the admitted actions (in ``Admitted.amounts``) and add
+        the ids of those to defer to ``deferred``. ``waiting`` are the actions that wait,
+        in FCFS order; ``scratches`` the round's tentative state per pool."""
+
+    def on_grant(self, lease: Lease) -> None:
+        """A lease began (granted, or restored after a restart)."""
+
+    def on_end(self, lease: Lease) -> None:
+        """A lease ended (released or expired)."""
+
+    def __repr__(self) -> str:
+        return f"<policy {self.name}>"

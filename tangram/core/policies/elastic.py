@@ -1,0 +1,234 @@
+"""``tangram``: the paper's elastic scheduler (ARL-Tangram, Algorithm 1).
+
+Admission is FCFS at the minimum (the core's round). Then, per partition that an
+admitted elastic action uses (a CPU node, a GPU, a quota pool), a DP over the admitted
+actions in FCFS order chooses how many units each gets so that the sum of their
+completion times plus an estimate of the waiting queue's is smallest, and a greedy loop
+defers tail candidates while that improves the objective. The estimate needs the
+expected end of every running lease, so this policy keeps its own index of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING
+
+from tangram.core.arrange import Candidate, Waiting, solve, waiting_cost
+from tangram.core.entries import Admitted, Entry
+from tangram.core.policies.base import Policy
+
+if TYPE_CHECKING:
+    from tangram.core.managers.base import Manager, Scratch
+    from tangram.spec import Action, Lease
+
+
+class Elastic(Policy):
+    """``depth``: amounts per waiting action the queue estimate weighs; ``lookahead``:
+    waiting actions it weighs."""
+
+    name = "tangram"
+
+    def __init__(self, depth: int = 2, lookahead: int = 256) -> None:
+        if depth < 1 or lookahead < 1:
+            raise ValueError("tangram: depth and lookahead must be at least 1")
+        self.depth = depth
+        self.lookahead = lookahead
+        self.pools: Mapping[str, Manager] = {}
+        # pool -> lease id -> (node, amount, granted at, expected run time or None)
+        self._running: dict[str, dict[str, tuple[str | None, int, float, float | None]]] = {}
+
+    def bind(self, pools: Mapping[str, Manager]) -> Elastic:
+        bound = Elastic(self.depth, self.lookahead)
+        bound.pools = pools
+        bound._running = {p: {} for p in pools}
+        return bound
+
+    def prepare(self, entry: Entry) -> None:
+        action = entry.action
+        if not action.profiled:
+            return
+        # Once per action, so scheduling rounds only read it.
+        feasible = entry.feasible[action.key]  # type: ignore[index]
+        entry.durations = action.durations(feasible)
+        head = tuple(float(x) for x in entry.durations[: self.depth])
+        entry.wait = Waiting(feasible[: self.depth], head)
+
+    def on_end(self, lease: Lease) -> None:
+        for pool in lease.allocation:
+            self._running[pool].pop(lease.id, None)
+
+    def arrange(
+        self,
+        admitted: list[Admitted],
+        waiting: list[Entry],
+        scratches: Mapping[str, Scratch],
+        now: float,
+        deferred: set[str],
+    ) -> None:
+        # A group is every admitted action using one partition (a CPU node, a GPU or quota
+        # pool), in FCFS order: those keyed on it are elastic there, the others hold their
+        # admitted amount. Eviction then only ever defers the group's tail.
+        groups: dict[tuple[str, Hashable], list[Admitted]] = {}
+        for adm in admitted:
+            for p, part in adm.parts.items():
+                groups.setdefault((p, part), []).append(adm)
+        for (pool, part), members in groups.items():
+            if any(_elastic_on(m.entry.action, pool) for m in members):
+                self._arrange_group(pool, part, members, waiting, scratches[pool], now, deferred)
+
+    def _costs(
+        self,
+        mgr: Manager,
+        adm: Admitted,
+        pool: str,
+        fallback: float,
+        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]],
+    ) -> Candidate:
+        entry, a = adm.entry, adm.entry.action
+        if _elastic_on(a, pool):
+            feas = entry.feasible[pool]
+            if entry.durations is None:
+                entry.durations = a.durations(feas)
+            costs = entry.durations
+            if mgr.has_extra_cost:
+                key = (a.service, feas)
+                extra = extras.get(key)
+                if extra is None:
+                    extra = extras[key] = tuple(mgr.extra_cost(a, x) for x in feas)
+                costs = costs + extra
+            return Candidate(feas, costs)
+        amount = adm.amounts[pool]
+        d = a.duration_at(amount) if a.key == pool else a.duration
+        d = d if d is not None else fallback
+        return Candidate((amount,), (d + mgr.extra_cost(a, amount),))
+
+    def _waiting(
+        self,
+        mgr: Manager,
+        entry: Entry,
+        pool: str,
+        fallback: float,
+        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]],
+    ) -> Waiting:
+        """A waiting action as the estimate sees it: its first ``depth`` amounts and costs.
+        ``extras`` caches the pool's extra costs per (service, amounts) for the round."""
+        a = entry.action
+        if entry.wait is not None and a.key == pool:
+            if not mgr.has_extra_cost:
+                return entry.wait
+            feas, costs = entry.wait.amounts, entry.wait.costs
+        else:
+            feas = entry.feasible[pool][:1]
+            costs = (a.duration if a.duration is not None else fallback,)
+        if not mgr.has_extra_cost:
+            return Waiting(feas, costs)
+        key = (a.service, feas)
+        extra = extras.get(key)
+        if extra is None:
+            extra = extras[key] = tuple(mgr.extra_cost(a, x) for x in feas)
+        return Waiting(feas, tuple(c + e for c, e in zip(costs, extra, strict=True)))
+
+    def _arrange_group(
+        self,
+        pool: str,
+        part: Hashable,
+        members: list[Admitted],
+        waiting: list[Entry],
+        scratch: Scratch,
+        now: float,
+        deferred: set[str],
+    ) -> None:
+        mgr = self.pools[pool]
+        known = [m.entry.action.duration for m in members if m.entry.action.duration is not None]
+        fallback = sum(d for d in known if d is not None) / len(known) if known else 1.0
+        # The pool's extra costs (GPU restores) per (service, amounts), for this round.
+        extras: dict[tuple[str | None, tuple[int, ...]], tuple[float, ...]] = {}
+        cands = [self._costs(mgr, m, pool, fallback, extras) for m in members]
+        op = scratch.operator(part, {m.entry.action.id for m in members})
+        n = len(members)
+        # Exact for the full list and a few evictions; widened only if eviction goes on.
+        cap = 8
+        dp = solve(cands, op, cap)
+        free_units = op.units(op.start())
+        # Units past what every candidate could take change nothing in the estimate (and
+        # an unbounded quota would otherwise put a million units in its heap).
+        free_units = min(free_units, sum(c.amounts[-1] for c in cands))
+        depth = self.depth
+        look = self.lookahead
+        outside: list[Waiting] = []
+        for e in waiting:
+            if len(outside) >= look:
+                break
+            a = e.action
+            if a.key == pool and scratch.partition_of(a) == part:
+                outside.append(self._waiting(mgr, e, pool, fallback, extras))
+        tail = [
+            m.entry.wait
+            if m.entry.wait is not None
+            and not mgr.has_extra_cost
+            and _elastic_on(m.entry.action, pool)
+            else Waiting(c.amounts[:depth], tuple(map(float, c.costs[:depth])))
+            for m, c in zip(members, cands, strict=True)
+        ]
+        busy = self._busy_until(pool, part, now, fallback)
+
+        def objective(j: int) -> tuple[float, list[int]]:
+            nonlocal dp, cap
+            while not dp.exact(j):
+                cap *= 4
+                dp = solve(cands, op, cap)
+            cost, amounts = dp.best(j)
+            if not math.isfinite(cost):
+                return math.inf, amounts
+            kept = [
+                (x, float(c.costs[0 if x == c.amounts[0] else c.amounts.index(x)]))
+                for c, x in zip(cands, amounts, strict=False)
+            ]
+            # Every prefix is weighed over the same actions: the candidates it leaves out
+            # and the first ``lookahead`` waiting actions behind them.
+            rest = tail[j:] + outside
+            return cost + waiting_cost(busy, free_units, kept, rest, depth), amounts
+
+        j = n
+        best, amounts = objective(j)
+        # Greedy eviction: defer the last candidate while that improves the objective.
+        # The head always stays (it fits, and deferring everything helps no one); an
+        # unprofiled tail cannot be weighed, so eviction stops there.
+        while j > 1 and _elastic_on(members[j - 1].entry.action, pool):
+            obj, amts = objective(j - 1)
+            if obj < best:
+                best, amounts, j = obj, amts, j - 1
+            else:
+                break
+        if not math.isfinite(best):
+            return  # cannot happen after admission; keep the admission amounts
+        for i, m in enumerate(members):
+            if i < j:
+                m.amounts[pool] = amounts[i]
+            else:
+                deferred.add(m.entry.action.id)
+
+    def _busy_until(self, pool: str, part: Hashable, now: float, fallback: float) -> list[float]:
+        """Projected free times (relative to now) of the partition's busy units."""
+        out: list[float] = []
+        for node, amount, start, run in self._running[pool].values():
+            if part != "" and node != part:
+                continue
+            end = start + (run if run is not None else fallback) - now
+            out.extend([end if end > 0.0 else 0.0] * amount)
+        return out
+
+    def on_grant(self, lease: Lease) -> None:
+        """Index a live lease per pool with its expected run time (for the estimate)."""
+        a = lease.action
+        for pool, alloc in lease.allocation.items():
+            d = a.duration_at(alloc.amount) if a.key == pool else a.duration
+            run = None if d is None else d + self.pools[pool].held_cost(a, alloc)
+            self._running[pool][lease.id] = (alloc.node, alloc.amount, lease.granted_at, run)
+
+
+
+def _elastic_on(action: Action, pool: str) -> bool:
+    """Whether the scheduler may trade units of ``pool`` for the action's time."""
+    return action.key == pool and action.profiled
