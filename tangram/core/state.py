@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import math
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -25,11 +24,10 @@ from tangram.core.leases import LeaseTable
 from tangram.core.managers.base import Manager, Scratch
 from tangram.core.policies.base import Policy
 from tangram.core.policies.elastic import Elastic
+from tangram.core.validate import validate
 from tangram.spec import (
     Action,
     Allocation,
-    Amdahl,
-    EfficiencyTable,
     InvalidAction,
     Lease,
     LeaseExpired,
@@ -120,8 +118,6 @@ class RoundStats:
     candidates: int = 0
     deferred: int = 0
     seconds: float = 0.0
-    last_seconds: float = 0.0
-    last_candidates: int = 0
 
 
 class Core:
@@ -181,57 +177,12 @@ class Core:
 
     # ------------------------------------------------------------------ submission
     def validate(self, action: Action) -> dict[str, tuple[int, ...]]:
-        """Check an action against the pools; return the feasible amounts per pool.
-
-        Raises InvalidAction saying what is wrong and what would fit."""
-        if not action.trajectory or not isinstance(action.trajectory, str):
-            raise InvalidAction("an action needs a trajectory id (a non-empty string)")
-        if not action.demands:
-            raise InvalidAction(
-                "an action must demand at least one pool; pools: " + ", ".join(self.pools)
-            )
-        for pool, demand in action.demands.items():
-            if pool not in self.pools:
-                raise InvalidAction(
-                    f"unknown pool {pool!r}; this broker has: " + ", ".join(sorted(self.pools)),
-                    "unknown_pool",
-                )
-            demand.check_shape(pool)
-        if action.key is None:
-            elastic = [p for p, d in action.demands.items() if d.elastic]
-            if len(elastic) == 1:
-                action.key = elastic[0]
-        elif action.key not in action.demands:
-            raise InvalidAction(
-                f"key resource {action.key!r} is not among the demands "
-                f"({', '.join(action.demands)}); name one of them or leave key out"
-            )
-        if action.efficiency is not None:
-            if not isinstance(action.efficiency, (Amdahl, EfficiencyTable)):
-                raise InvalidAction("efficiency must be Amdahl or EfficiencyTable")
-            action.efficiency.check()
-        if action.duration is not None and not (
-            math.isfinite(action.duration) and action.duration >= 0
-        ):
-            raise InvalidAction(f"duration must be a non-negative number, got {action.duration}")
-        if action.tokens is not None and action.tokens < 0:
-            raise InvalidAction(f"tokens must not be negative, got {action.tokens}")
-        if action.ttl is not None and not (math.isfinite(action.ttl) and action.ttl > 0):
-            raise InvalidAction(f"ttl must be a positive number of seconds, got {action.ttl}")
-        if action.service is not None and not any(
-            self.pools[p].runs_services for p in action.demands
-        ):
-            knowing = [n for n, m in self.pools.items() if m.serves(action.service)]
-            hint = f"demand GPUs from {', '.join(knowing)}" if knowing else "no GPU pool knows it"
-            raise InvalidAction(
-                f"service {action.service!r} needs a GPU demand; {hint}", "unknown_service"
-            )
-        try:
-            return {p: self.pools[p].feasible(action, d) for p, d in action.demands.items()}
-        except InvalidAction as exc:
-            if exc.reason == "malformed":  # the pools refuse what they could never grant
-                exc.reason = "never_fits"
-            raise
+        """Check an action against the pools (tangram.core.validate); return the feasible
+        amounts per pool and set its key pool when it names none and one demand is
+        elastic. Raises InvalidAction saying what is wrong and what would fit."""
+        feasible, key = validate(action, self.pools)
+        action.key = key
+        return feasible
 
     def submit(self, action: Action, now: float, *, restored: bool = False) -> Action:
         """Queue a valid action (an id is assigned if it has none); raise InvalidAction.
@@ -573,13 +524,11 @@ class Core:
         st = self.stats
         st.rounds += 1
         st.candidates += len(rnd.admitted)
-        st.last_candidates = len(rnd.admitted)
         st.deferred += len(deferred)
         cost = 0.0
         if clock is not None:
             cost = clock() - t0
             st.seconds += cost
-            st.last_seconds = cost
         for g in grants:
             g.lease.overhead = cost
         for o in self.observers:
