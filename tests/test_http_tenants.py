@@ -104,6 +104,9 @@ async def test_queued_bound_answers_429_with_retry_after(url):
         assert r.status_code == 429
         assert r.headers["retry-after"] == "3"
         assert "bound is 2" in r.json()["detail"]
+        # Refused by the core, so counted like every other refusal.
+        metrics = (await alice.get("/metrics")).text
+        assert 'tangram_actions_refused_total{reason="queue_full",tenant="alice"} 1.0' in metrics
         # The bound is per tenant: bob still gets in.
         assert (await bob.post("/v1/actions", json=api("b"))).status_code == 202
         # A retried submit of an action already queued is not a new one: no 429.

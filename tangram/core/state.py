@@ -133,6 +133,7 @@ class Core:
         max_queued_per_pool: int | None = None,
         ids: Callable[[str], str] = random_id,
         trajectory_idle: float | None = None,
+        tenant_bounds: Mapping[str | None, int] | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
@@ -152,6 +153,10 @@ class Core:
         # Queued actions per (pool, tenant): a full pool still takes a tenant below its
         # fair share, so one tenant cannot lock the others out.
         self._queued_tenants: Counter[tuple[str, str | None]] = Counter()
+        # Queued actions a tenant may have at most (whatever door they came through);
+        # a tenant without an entry has none.
+        self.tenant_bounds: dict[str | None, int] = dict(tenant_bounds or {})
+        self._queued_by_tenant: Counter[str | None] = Counter()
         # Trajectories: how many of their actions are queued or held, and since when
         # those with none have been idle (in that order), to close them after
         # ``trajectory_idle`` seconds: a client that never closes leaks nothing.
@@ -218,6 +223,7 @@ class Core:
         self._queue[action.id] = entry
         self._queued_pools.update(action.demands.keys())
         tenant = action.tenant
+        self._queued_by_tenant[tenant] += 1
         for p in action.demands:
             self._queued_tenants[p, tenant] += 1
         self._busy(action.trajectory)
@@ -230,6 +236,14 @@ class Core:
         """QueueFull when a pool the action demands is full. A full pool still takes a
         tenant below its fair share (the bound over the tenants queued there), up to
         twice the bound in all: one tenant's burst cannot lock the others out."""
+        tenant = action.tenant
+        limit = self.tenant_bounds.get(tenant)
+        if limit is not None and self._queued_by_tenant[tenant] >= limit:
+            who = f"tenant {tenant!r}" if tenant is not None else "this broker's tenant"
+            raise QueueFull(
+                f"{who} already has {self._queued_by_tenant[tenant]} queued actions, the "
+                f"bound is {limit}; retry shortly, or cancel queued actions"
+            )
         bound = self.max_queued_per_pool
         if bound is None:
             return
@@ -256,6 +270,7 @@ class Core:
         queued = self._queued_pools
         tenants = self._queued_tenants
         tenant = action.tenant
+        self._queued_by_tenant[tenant] -= 1
         for p in action.demands:
             queued[p] -= 1
             key = (p, tenant)

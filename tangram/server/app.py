@@ -31,6 +31,7 @@ from tangram.server.problems import Problem
 from tangram.server.registry import Record
 from tangram.server.service import Service
 from tangram.server.wire import action_json, lease_state_json, respond, to_action
+from tangram.spec import QueueFull
 
 Wait = Annotated[
     float,
@@ -123,19 +124,13 @@ def create_app(
                         kind="idempotency-key-reused",
                     )
                 return await svc.answer(old, wait, 202, durable=True)
-        bound = svc.bound(tenant)
-        if reg.queued[tenant] >= bound:
-            after = svc.settings.retry_after_seconds
-            who = f"tenant {tenant!r}" if tenant is not None else "this server"
-            raise Problem(
-                429,
-                f"{who} already has {reg.queued[tenant]} queued actions, the bound is "
-                f"{bound}; retry after {after} s, or cancel queued actions",
-                headers={"Retry-After": str(after)},
-            )
         action = to_action(body, tenant, idempotency_key)
         action.fingerprint = fingerprint
-        fut = svc.broker.submit_nowait(action)  # InvalidAction: 422, nothing queued
+        try:
+            fut = svc.broker.submit_nowait(action)  # InvalidAction: 422, nothing queued
+        except QueueFull as exc:  # the tenant's bound or a pool's, counted by the core
+            after = svc.settings.retry_after_seconds
+            raise Problem(429, str(exc), headers={"Retry-After": str(after)}) from None
         key = (tenant, idempotency_key) if idempotency_key is not None else None
         rec = Record(action, tenant, body.trajectory, fut, key)
         reg.add(rec)

@@ -9,7 +9,7 @@ late GETs and retried submits, then forgotten (their ids then answer 404).
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from tangram import wire
@@ -39,21 +39,19 @@ class Record:
 
 
 class Registry:
-    """Records by action id and by lease id, idempotency keys, queued counts per tenant."""
+    """Records by action id and by lease id, and idempotency keys."""
 
     def __init__(self, kept: int = KEPT) -> None:
         self.kept = kept
         self.actions: dict[str, Record] = {}
         self.by_lease: dict[str, Record] = {}
         self.by_key: dict[tuple[str | None, str], Record] = {}
-        self.queued: Counter[str | None] = Counter()
         self._ended: OrderedDict[str, None] = OrderedDict()
 
     def add(self, rec: Record) -> None:
         self.actions[rec.action.id] = rec
         if rec.idem is not None:
             self.by_key[rec.idem] = rec
-        self.queued[rec.tenant] += 1
         rec.future.add_done_callback(lambda _: self.settle(rec))
 
     def settle(self, rec: Record) -> None:
@@ -62,7 +60,6 @@ class Registry:
         fut = rec.future
         if rec.lease is not None or rec.cancelled or not fut.done():
             return
-        self.queued[rec.tenant] -= 1
         if fut.cancelled() or fut.exception() is not None:  # also marks it retrieved
             rec.cancelled = True
             self.end(rec)

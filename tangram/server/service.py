@@ -37,6 +37,12 @@ class Service:
         self.broker = Broker.from_config(cfg, data_dir=data_dir) if broker is None else broker
         self.registry = Registry()
         self.tenants = dict(tenants)
+        # Each tenant's bound on queued actions is the core's to keep (so its refusals are
+        # counted like every other); without tenants, one bound for everyone.
+        bounds: dict[str | None, int] = {t.name: t.max_queued for t in self.tenants.values()}
+        if not bounds:
+            bounds[None] = self.settings.max_queued
+        self.broker.core.tenant_bounds.update(bounds)
         self._by_digest = {_digest(t.token): t for t in tenants.values()}
         # The broker runs on the monotonic clock; clients want Unix time.
         self.wall = time.time() - self.broker.clock()
@@ -84,9 +90,6 @@ class Service:
             )
         return found.name
 
-    def bound(self, tenant: str | None) -> int:
-        t = self.tenants.get(tenant) if tenant is not None else None
-        return t.max_queued if t is not None else self.settings.max_queued
 
     async def answer(
         self, rec: Record, wait: float, queued_status: int, *, durable: bool = False
