@@ -185,8 +185,6 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ checks
     def _check_fcfs(self, waiting_before: list[Action], granted: list[Action]) -> None:
-        if self.policy not in ("tangram", "min"):
-            return
         granted_ids = {a.id for a in granted}
         still = [a for a in waiting_before if a.id not in granted_ids]
         for b in granted:

@@ -226,7 +226,7 @@ class CpuManager(Manager):
 class _CpuScratch(Scratch):
     """Free cores and memory per node for one round. Partitions are nodes."""
 
-    __slots__ = ("blocked_nodes", "free", "mem", "mgr", "pins", "takes")
+    __slots__ = ("blocked_nodes", "free", "mem", "mgr", "pins", "takes", "waiting")
 
     def __init__(self, mgr: CpuManager) -> None:
         self.mgr = mgr
@@ -234,6 +234,7 @@ class _CpuScratch(Scratch):
         self.mem = {n.name: n.memory_free for n in mgr.nodes.values()}
         self.pins: dict[str, str] = {}
         self.blocked_nodes: set[str] = set()
+        self.waiting: set[str] = set()  # unpinned trajectories with an action waiting
         self.takes: dict[str, tuple[str, int]] = {}
 
     def _node_of(self, action: Action) -> str | None:
@@ -268,7 +269,12 @@ class _CpuScratch(Scratch):
 
     def blocked(self, action: Action) -> bool:
         node = self._node_of(action)
-        if node is None:  # a new trajectory may still go to any node not blocked
+        if node is None:
+            # A trajectory whose earlier action waits, unpinned, must not get ahead of
+            # it: its first grant would pin it, maybe where the earlier one cannot fit.
+            if action.trajectory in self.waiting:
+                return True
+            # A new trajectory may still go to any node not blocked.
             return len(self.blocked_nodes) == len(self.free)
         return node in self.blocked_nodes
 
@@ -283,6 +289,7 @@ class _CpuScratch(Scratch):
         # deadlock the pool).
         need = action.memory_gb
         self.blocked_nodes.update(n for n, m in self.mem.items() if m >= need)
+        self.waiting.add(action.trajectory)
 
     @property
     def saturated(self) -> bool:
