@@ -2,7 +2,12 @@
 
 It turns grants into resolved futures for waiting callers, coalesces every change made
 during one event-loop iteration into a single scheduling round, and keeps one timer for
-the core's next deadline (a lease expiry or a quota refill).
+the core's next deadline (a lease expiry or a quota refill). Its clock is the event
+loop's (``tangram.leasing.loop_time``): the times it hands the core and the delays of its
+timers are one time, so a loop that fast-forwards time (tests) drives both.
+
+It is also the in-process door (``tangram.leasing.Door``): ``lease`` is the shared
+``LeaseContext``, kept alive by the shared ``KeepAlive``.
 """
 
 from __future__ import annotations
@@ -10,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from tangram.config import Config
@@ -20,7 +24,16 @@ from tangram.core.managers.base import Manager
 from tangram.core.policy import Policy
 from tangram.core.state import Core, Expiry, Grant, IdleClose
 from tangram.journal import Journal, JournalUnavailable
-from tangram.spec import Action, ActionCancelled, Lease, LeaseExpired, TangramError
+from tangram.leasing import (
+    ABANDONED,
+    Beats,
+    KeepAlive,
+    LeaseContext,
+    hand_over,
+    loop_time,
+    raced,
+)
+from tangram.spec import Action, ActionCancelled, Lease, TangramError
 
 if TYPE_CHECKING:
     from tangram.executors.fencing import GrantSigner
@@ -31,7 +44,8 @@ RETRY_JOURNAL = 0.5  # seconds between tries while the journal cannot write
 
 
 class Broker:
-    """Submit actions and await their leases; release, heartbeat, cancel, close."""
+    """Submit actions and await their leases; release, heartbeat, cancel, close. Bound
+    to the event loop it runs on (its clock is that loop's)."""
 
     def __init__(
         self,
@@ -39,13 +53,20 @@ class Broker:
         policy: Policy | None = None,
         *,
         lease_ttl: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
         id_prefix: str = "",
         journal: Journal | None = None,
         max_queued_per_pool: int | None = None,
         trajectory_idle: float | None = None,
         signer: GrantSigner | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        # The loop's own ``time`` once the broker knows its loop (read on every change:
+        # the cheapest way to that time); until then, whichever loop is running.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.clock: Callable[[], float] = loop_time
+        with contextlib.suppress(RuntimeError):
+            self._bind(asyncio.get_running_loop())
+        clock = self.clock
         self.core = Core(
             pools,
             policy,
@@ -56,15 +77,14 @@ class Broker:
             max_queued_per_pool=max_queued_per_pool,
             trajectory_idle=trajectory_idle,
         )
-        self.clock = clock
         self.signer = signer  # signs every grant for the executors (Lease.grant)
+        self.wall = wall  # what executors compare a signed grant's expiry with
         self._waiters: dict[str, asyncio.Future[Lease]] = {}
         self._round_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._held: set[str] = set()
-        self._refresher: asyncio.Task[None] | None = None
-        self._refresh_period = float("inf")
+        # Leases held by ``lease`` contexts, renewed in one batch (re-signed when signing).
+        self._keep: KeepAlive[Lease] = KeepAlive(self.heartbeat_many)
         self._listeners: list[Listener] = []
         self.journal = journal
         self.restored: list[Lease] = []
@@ -105,6 +125,10 @@ class Broker:
             **kw,
         )
 
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.clock = loop.time
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(kind, obj)`` on grant, release, expire (a Lease), cancel (an
         action id) and idle_close (an ``IdleClose``: the trajectory and its pinned nodes)."""
@@ -119,9 +143,11 @@ class Broker:
         """Queue the action (InvalidAction is raised here, nothing is queued) and return a
         future that resolves to its lease. Unavailable while the journal cannot write."""
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # built outside a loop, or in another than runs it
+            self._bind(loop)
         if self.unavailable is not None:
             raise JournalUnavailable(self.unavailable)
-        self.core.submit(action, self.clock())
+        self.core.submit(action, loop.time())
         fut: asyncio.Future[Lease] = loop.create_future()
         self._waiters[action.id] = fut
         self._kick()
@@ -165,8 +191,9 @@ class Broker:
 
     def _abandon(self, action_id: str, fut: asyncio.Future[Lease]) -> None:
         self._waiters.pop(action_id, None)
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            self.release(fut.result().id, outcome="abandoned")
+        lease = raced(fut)
+        if lease is not None:
+            self.release(lease.id, outcome=ABANDONED)
         elif self.core.cancel(action_id, self.clock()) is not None:
             self._emit("cancel", action_id)
             self._kick()
@@ -178,7 +205,7 @@ class Broker:
     ) -> Lease | None:
         """Return the lease's units. None if it was already released; LeaseExpired if
         it expired first."""
-        self._held.discard(lease_id)
+        self._keep.drop(lease_id)
         lease = self.core.release(lease_id, self.clock(), outcome, usage)
         if lease is not None:
             if self._listeners:
@@ -199,10 +226,11 @@ class Broker:
         return at
 
     def _sign(self, lease: Lease, now: float) -> None:
-        # The core's times are on ``clock`` (monotonic, this process's own); executors
-        # compare the expiry with their wall clock.
+        # The core's times are on ``clock`` (the loop's, this process's own); executors
+        # compare the expiry with their wall clock. The offset is taken at each signing,
+        # so a wall clock that NTP slews away from the monotonic one is followed.
         assert self.signer is not None
-        expires = lease.expires_at + (time.time() - now)
+        expires = lease.expires_at + (self.wall() - now)
         lease.grant = self.signer.sign(lease.id, lease.fencing_token, lease.allocation, expires)
 
     def cancel(self, action_id: str) -> bool:
@@ -237,11 +265,37 @@ class Broker:
     def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot(self.clock())
 
-    def lease(self, action: Action, *, timeout: float | None = None) -> LeaseContext:
+    def lease(self, action: Action, *, timeout: float | None = None) -> LeaseContext[Action, Lease]:
         """``async with broker.lease(action) as lease:`` holds the units for the body and
         releases them on exit, also on exceptions and cancellation. The lease is kept
-        alive (batched heartbeats) while the body runs."""
-        return LeaseContext(self, action, timeout)
+        alive (batched heartbeats, re-signed grants) while the body runs."""
+        return LeaseContext(self, self._keep, action, timeout)
+
+    # ------------------------------------------------------------------ the door protocol
+    async def release_lease(
+        self, lease: Lease, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+    ) -> None:
+        self.release(lease.id, outcome, None if usage is None else dict(usage))
+
+    async def heartbeat_many(self, leases: Sequence[Lease]) -> Beats:
+        """Renew the leases at once (the keep-alive's call): each grant is re-signed with
+        its new expiry, and the timer moves if a deadline came before it."""
+        now = self.clock()
+        core = self.core
+        out: Beats = {}
+        for lease in leases:
+            try:
+                out[lease.id] = core.heartbeat(lease.id, now)
+            except TangramError as exc:
+                out[lease.id] = exc
+                continue
+            if self.signer is not None:
+                self._sign(core.leases[lease.id], now)
+        self._arm(now)
+        return out
+
+    async def cancel_action(self, action_id: str) -> bool:
+        return self.cancel(action_id)
 
     # ------------------------------------------------------------------ the driver
     def _kick(self) -> None:
@@ -280,15 +334,13 @@ class Broker:
                     self._sign(ev.lease, now)
                 fut = self._waiters.pop(ev.action.id, None)
                 self._emit("grant", ev.lease)
-                if fut is None or fut.done():
+                if not hand_over(fut, ev.lease):
                     # Nobody waits any more (cancelled between rounds): give it back.
-                    self.core.release(ev.lease.id, now, "abandoned")
+                    self.core.release(ev.lease.id, now, ABANDONED)
                     self._emit("release", ev.lease)
                     self._kick()
-                else:
-                    fut.set_result(ev.lease)
             elif isinstance(ev, Expiry):
-                self._held.discard(ev.lease.id)
+                self._keep.drop(ev.lease.id)
                 self._emit("expire", ev.lease)
                 self._kick()
             else:
@@ -325,40 +377,6 @@ class Broker:
         self._timer_at = None
         self._round()
 
-    # ------------------------------------------------------------------ batched keep-alive
-    def _hold(self, lease: Lease) -> None:
-        self._held.add(lease.id)
-        period = lease.ttl / 3
-        task = self._refresher
-        if task is not None and not task.done() and period < self._refresh_period:
-            task.cancel()  # a shorter TTL than the sleeping task planned for
-            task = None
-        if task is None or task.done():
-            self._refresh_period = period
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
-
-    async def _refresh(self) -> None:
-        # One task heartbeats every lease held by a context manager, a third of the
-        # shortest TTL apart, instead of one timer per lease.
-        while self._held:
-            ttl = min(
-                (self.core.leases[i].ttl for i in self._held if i in self.core.leases),
-                default=self.core.lease_ttl,
-            )
-            self._refresh_period = ttl / 3
-            await asyncio.sleep(self._refresh_period)
-            now = self.clock()
-            for lid in list(self._held):
-                try:
-                    self.core.heartbeat(lid, now)
-                    if self.signer is not None:
-                        self._sign(self.core.leases[lid], now)
-                except LeaseExpired:
-                    self._held.discard(lid)
-                except TangramError:
-                    self._held.discard(lid)
-            self._arm(now)
-
     async def close(self) -> None:
         """Stop timers; fail every waiter. Leases stay as they are."""
         if self._timer is not None:
@@ -367,8 +385,7 @@ class Broker:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if self._refresher is not None:
-            self._refresher.cancel()
+        self._keep.close()
         for aid, fut in list(self._waiters.items()):
             if not fut.done():
                 fut.set_exception(ActionCancelled("broker closed"))
@@ -377,35 +394,3 @@ class Broker:
         if self.journal is not None:
             with contextlib.suppress(JournalUnavailable):
                 self.journal.flush()
-
-
-class LeaseContext:
-    """The ``async with`` of ``Broker.lease`` (a plain class: it runs on every action)."""
-
-    __slots__ = ("_action", "_broker", "_lease", "_timeout")
-
-    def __init__(self, broker: Broker, action: Action, timeout: float | None) -> None:
-        self._broker = broker
-        self._action = action
-        self._timeout = timeout
-        self._lease: Lease | None = None
-
-    async def __aenter__(self) -> Lease:
-        lease = await self._broker.acquire(self._action, self._timeout)
-        self._lease = lease
-        self._broker._hold(lease)
-        return lease
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._lease is not None
-        if exc_type is None:
-            self._broker.release(self._lease.id, outcome="ok")
-            return
-        # If it expired meanwhile, the body's own error matters more.
-        with contextlib.suppress(TangramError):
-            self._broker.release(self._lease.id, outcome="error")

@@ -16,9 +16,9 @@ database with fewer commits than the mark says has lost some: the restored broke
 holds back every grant until that latest expiry, when every lease it may have forgotten
 has lapsed, so no unit is ever held twice.
 
-Times are stored as wall-clock times (the broker's monotonic clock starts afresh in a
-new process) and converted back on load. This module never decides anything: it only
-records what the core did and gives it back.
+Times are stored as wall-clock times (the broker's clock, its event loop's monotonic
+one, starts afresh in a new process) and converted back on load. This module never
+decides anything: it only records what the core did and gives it back.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from tangram.core.state import Core
 from tangram.errors import JournalError as JournalError
 from tangram.errors import JournalUnavailable as JournalUnavailable
 from tangram.errors import WireError
+from tangram.leasing import loop_time
 from tangram.spec import Action, InvalidAction, Lease
 
 log = logging.getLogger("tangram.journal")
@@ -152,7 +153,7 @@ class Journal:
         path: str | Path,
         *,
         durability: str = "normal",
-        mono: Callable[[], float] = time.monotonic,
+        mono: Callable[[], float] = loop_time,  # the broker's clock
         wall: Callable[[], float] = time.time,
     ) -> None:
         if durability not in DURABILITY:

@@ -19,6 +19,7 @@ LAYERS = {
     "tangram.core": 2,
     "tangram.wire": 2,
     "tangram.actions": 2,
+    "tangram.leasing": 2,
     "tangram.kinds": 3,
     "tangram.executors": 3,
     "tangram.client": 3,

@@ -1,6 +1,9 @@
 """The live broker signs what it grants (``Broker(signer=...)``), heartbeats re-sign with
 the new expiry, and an executor holding the same key runs exactly those grants: the
-in-process path, without Ray (tests/test_ray_fencing.py has the Ray one)."""
+in-process path, without Ray (tests/test_ray_fencing.py has the Ray one).
+
+The broker-only tests run on a fast-forwarding loop (looptime); the one with a real
+sandbox keeps real time, since its executor checks grants against the wall clock."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ CONFIG = parse_config(
 )
 
 
+@pytest.mark.looptime
 async def test_every_grant_is_signed_and_heartbeats_renew_it():
     signer = GrantSigner(KEY)
     broker = Broker.from_config(CONFIG, signer=signer)
@@ -53,6 +57,7 @@ async def test_every_grant_is_signed_and_heartbeats_renew_it():
         await broker.close()
 
 
+@pytest.mark.looptime
 async def test_a_broker_without_a_signer_signs_nothing():
     broker = Broker.from_config(CONFIG)
     try:
@@ -79,7 +84,7 @@ async def test_a_sandbox_runs_the_brokers_grants_and_refuses_an_expired_one(tmp_
         cores = stale.allocation["cpu"].units
         assert (await runner.run("old", Command("true"), cores, grant=stale.grant)).ok
         while broker.core.leases.get(stale.id) is not None:  # it expires: nobody beats
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         fresh = await broker.acquire(Action.build("new", {"cpu": n}))
         assert set(fresh.allocation["cpu"].units) == set(cores)
         # The new holder has not run yet; the old grant's expiry alone refuses it.
@@ -104,23 +109,32 @@ async def test_a_sandbox_runs_the_brokers_grants_and_refuses_an_expired_one(tmp_
         await broker.close()
 
 
+@pytest.mark.looptime
 async def test_the_lease_contexts_keep_alive_renews_the_grant_too():
     """``async with broker.lease(...)`` heartbeats by itself: the grant an executor sees
     must follow, or a lease held past its first TTL would be refused as expired."""
     signer = GrantSigner(KEY)
-    broker = Broker.from_config(CONFIG, signer=signer)
+    # The wall clock executors read, moving with the loop's fast-forwarded time.
+    loop = asyncio.get_running_loop()
+    offset = time.time() - loop.time()
+
+    def wall() -> float:
+        return loop.time() + offset
+
+    broker = Broker.from_config(CONFIG, signer=signer, wall=wall)
     try:
         action = Action.build("t", {"api": 1}, ttl=0.3)
         async with broker.lease(action) as lease:
             first = lease.grant
             await asyncio.sleep(0.5)  # past the first TTL: kept alive by the context
             assert lease.grant.expires > first.expires + 0.15
-            assert lease.grant.expires > time.time()
+            assert lease.grant.expires > wall()
             assert signer.verify(lease.grant)
     finally:
         await broker.close()
 
 
+@pytest.mark.looptime
 async def test_leases_restored_from_the_journal_are_signed_at_once(tmp_path: Path):
     signer = GrantSigner(KEY)
     first = Broker.from_config(CONFIG, data_dir=tmp_path, signer=signer)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tangram.broker import Broker
+from tangram.broker import RETRY_JOURNAL, Broker
 from tangram.client.http import HttpClient
 from tangram.config import parse_config
 from tangram.core.state import Core
@@ -199,24 +199,24 @@ def test_a_trajectory_nobody_closes_is_closed_when_idle_and_frees_its_memory() -
     assert core.active_trajectories == 1
 
 
-def test_the_broker_closes_idle_trajectories_on_its_timer() -> None:
+@pytest.mark.looptime  # the broker's loop fast-forwards: its timers fire at once
+async def test_the_broker_closes_idle_trajectories_on_its_timer() -> None:
     cfg = parse_config({"trajectory_idle_seconds": 0.2, **ONE_CORE})
-    seen: list[str] = []
-
-    async def main() -> None:
-        broker = Broker.from_config(cfg)
-        broker.subscribe(lambda kind, obj: seen.append(kind))
-        async with broker.lease(Action.build("t", {"cpu": 1}, memory_gb=1)):
-            pass
-        await asyncio.sleep(0.5)
-        await broker.close()
-
-    asyncio.run(main())
-    assert "idle_close" in seen
+    seen: list[tuple[str, float]] = []
+    broker = Broker.from_config(cfg)
+    broker.subscribe(lambda kind, obj: seen.append((kind, broker.clock())))
+    async with broker.lease(Action.build("t", {"cpu": 1}, memory_gb=1)):
+        pass
+    ended = broker.clock()
+    await asyncio.sleep(0.5)
+    await broker.close()
+    closed = [t for kind, t in seen if kind == "idle_close"]
+    assert closed == [pytest.approx(ended + 0.2)]
 
 
 # --------------------------------------------------------------------------- journal faults
-def test_a_failing_journal_fails_closed_and_recovers_by_itself(tmp_path: Path) -> None:
+@pytest.mark.looptime  # the retry and expiry timers fire at once, on the loop's clock
+async def test_a_failing_journal_fails_closed_and_recovers_by_itself(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite3")
     real = journal._flush
     broken = [True]
@@ -227,27 +227,27 @@ def test_a_failing_journal_fails_closed_and_recovers_by_itself(tmp_path: Path) -
         real()
 
     journal._flush = flaky  # type: ignore[method-assign]
-
-    async def main() -> None:
-        cfg = parse_config(ONE_CORE)
-        broker = Broker(cfg.build_pools(), lease_ttl=0.3, journal=journal)
-        fut = broker.submit_nowait(Action.build("a", {"cpu": 1}))
-        with pytest.raises(Unavailable):
-            await broker.sync()
-        assert broker.unavailable is not None
-        with pytest.raises(Unavailable):
-            broker.submit_nowait(Action.build("b", {"cpu": 1}))
-        await asyncio.sleep(0.1)
-        assert not fut.done(), "a grant was told before it was durable"
-        broken[0] = False
-        lease = await asyncio.wait_for(fut, 2.0)  # recovered by the retry timer alone
-        assert broker.unavailable is None
-        # The expiry timer kept running: the lease lapses with nobody calling in.
-        await asyncio.sleep(0.6)
-        assert broker.core.lease_state(lease.id) == "expired"
-        await broker.close()
-
-    asyncio.run(main())
+    cfg = parse_config(ONE_CORE)
+    broker = Broker(cfg.build_pools(), lease_ttl=0.3, journal=journal)
+    fut = broker.submit_nowait(Action.build("a", {"cpu": 1}))
+    with pytest.raises(Unavailable):
+        await broker.sync()
+    assert broker.unavailable is not None
+    with pytest.raises(Unavailable):
+        broker.submit_nowait(Action.build("b", {"cpu": 1}))
+    await asyncio.sleep(0.1)
+    assert not fut.done(), "a grant was told before it was durable"
+    broken[0] = False
+    lease = await asyncio.wait_for(fut, 2.0)  # recovered by a timer alone
+    assert broker.unavailable is None
+    # Decided at once, told only once a timer's round (the retry's or the expiry's)
+    # made it durable.
+    assert lease.granted_at == 0.0
+    assert 0.1 < asyncio.get_running_loop().time() <= RETRY_JOURNAL
+    # The expiry timer kept running: the lease lapses with nobody calling in.
+    await asyncio.sleep(0.6)
+    assert broker.core.lease_state(lease.id) == "expired"
+    await broker.close()
     assert Journal(tmp_path / "j.sqlite3").load().leases == []
 
 

@@ -4,7 +4,7 @@ The errors they raise are exported here too: the HTTP ones (``HttpError`` and it
 subclasses) and the broker's own, which a problem answer is raised as."""
 
 from tangram.client.errors import HttpError, ServerUnavailable, TooManyQueued, Unauthorized
-from tangram.client.http import ActionState, HttpClient, LeaseContext
+from tangram.client.http import ActionState, HttpClient
 from tangram.client.sync import SyncHttpClient
 from tangram.client.wire import RemoteLease
 from tangram.errors import (
@@ -18,6 +18,7 @@ from tangram.errors import (
     UnknownAction,
     UnknownLease,
 )
+from tangram.leasing import LeaseContext
 
 __all__ = [
     "ActionCancelled",

@@ -2,8 +2,9 @@
 
 ``async with client.lease(action) as lease:`` submits with an idempotency key, long-polls
 until granted, heartbeats in the background while the body runs and releases on exit,
-also on error or cancellation. Transient connection errors are retried; every call is
-safe to repeat (submits carry an idempotency key, release is idempotent).
+also on error or cancellation (the lease context and keep-alive every door shares,
+``tangram.leasing``). Transient connection errors are retried; every call is safe to
+repeat (submits carry an idempotency key, release is idempotent).
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
@@ -22,11 +22,11 @@ import httpx
 
 from tangram.client.errors import HttpError, TooManyQueued, Unauthorized, raise_for
 from tangram.client.wire import RemoteLease, action_json
+from tangram.leasing import Beats, KeepAlive, LeaseContext, finish
 from tangram.spec import (
     Action,
     ActionCancelled,
     InvalidAction,
-    LeaseExpired,
     TangramError,
     UnknownAction,
 )
@@ -83,6 +83,8 @@ class HttpClient:
         self.backoff = backoff
         # Capped: a lease must not lapse while its release waits out a long backoff.
         self.max_backoff = max_backoff
+        # Leases held by ``lease`` contexts; no beat more often than every 10 ms.
+        self._keep: KeepAlive[RemoteLease] = KeepAlive(self.heartbeat_many, least=0.01)
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -91,6 +93,7 @@ class HttpClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._keep.close()
         await self._http.aclose()
 
     # ------------------------------------------------------------------ one call each
@@ -175,6 +178,7 @@ class HttpClient:
     ) -> None:
         """Return the lease's units (idempotent); LeaseExpired if it lapsed first.
         ``fencing_token`` (the lease's): refused unless it is the lease's own."""
+        self._keep.drop(lease_id)
         body: dict[str, Any] = _holder({"outcome": outcome}, fencing_token)
         if usage is not None:
             body["usage"] = dict(usage)
@@ -193,8 +197,8 @@ class HttpClient:
     async def acquire(
         self,
         action: ActionLike,
-        *,
         timeout: float | None = None,
+        *,
         idempotency_key: str | None = None,
     ) -> RemoteLease:
         """Submit and long-poll until granted. On timeout (TimeoutError), cancellation
@@ -234,8 +238,7 @@ class HttpClient:
             if isinstance(exc, (InvalidAction, Unauthorized)):
                 raise  # refused: nothing was queued
             # The server may hold a queued action (or a grant) nobody will use.
-            cleanup = loop.create_task(self._abandon(action, key, state))
-            await _finish(cleanup)
+            await finish(self._abandon(action, key, state))
             raise
 
     async def _abandon(self, action: ActionLike, key: str, state: ActionState | None) -> None:
@@ -252,19 +255,52 @@ class HttpClient:
                         raise
                     state = await self.get(state.id)  # granted meanwhile
             if state.state == "granted" and state.lease is not None:
+                # The grant raced the cancel: give it back (the API knows no
+                # "abandoned" outcome, so as an error).
                 lease = state.lease
                 await self.release(lease.id, "error", fencing_token=lease.fencing_token)
 
-    def lease(self, action: ActionLike, *, timeout: float | None = None) -> LeaseContext:
+    def lease(
+        self, action: ActionLike, *, timeout: float | None = None
+    ) -> LeaseContext[ActionLike, RemoteLease]:
         """``async with client.lease(action) as lease:`` holds the units for the body."""
-        return LeaseContext(self, action, timeout)
+        return LeaseContext(self, self._keep, action, timeout)
 
+    # ------------------------------------------------------------------ the door protocol
+    async def release_lease(
+        self, lease: RemoteLease, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+    ) -> None:
+        """``release`` with the lease's fencing token, carried through to the end even if
+        the caller is cancelled meanwhile."""
+        await finish(self.release(lease.id, outcome, usage, fencing_token=lease.fencing_token))
 
-async def _finish(task: asyncio.Task[None]) -> None:
-    """Wait for a clean-up task even if we are cancelled again meanwhile."""
-    while not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+    async def heartbeat_many(self, leases: Sequence[RemoteLease]) -> Beats:
+        """One heartbeat request per lease (the API has no batch), all at once, each with
+        the lease's fencing token. A lease the server could not be asked about is left
+        out: the next beat may get through."""
+
+        async def one(lease: RemoteLease) -> float | TangramError | None:
+            try:
+                return await self.heartbeat(lease.id, fencing_token=lease.fencing_token)
+            except TangramError as exc:  # expired, released or forgotten
+                return exc
+            except httpx.HTTPError:
+                return None
+
+        answers = await asyncio.gather(*(one(x) for x in leases))
+        return {x.id: a for x, a in zip(leases, answers, strict=True) if a is not None}
+
+    async def cancel_action(self, action_id: str) -> bool:
+        """``cancel``, as every door has it: False when the action is not queued."""
+        try:
+            state = await self.cancel(action_id)
+        except UnknownAction:
+            return False
+        except HttpError as exc:
+            if exc.status != 409:  # granted already
+                raise
+            return False
+        return state.state == "cancelled"
 
 
 def segment(value: str) -> str:
@@ -294,63 +330,3 @@ def _retry_after(r: httpx.Response) -> float:
         return max(0.0, float(r.headers.get("retry-after", "1")))
     except ValueError:
         return 1.0
-
-
-class LeaseContext:
-    """Acquire on enter; heartbeat every third of the TTL; release on exit."""
-
-    def __init__(self, client: HttpClient, action: ActionLike, timeout: float | None) -> None:
-        self._client = client
-        self._action = action
-        self._timeout = timeout
-        self._lease: RemoteLease | None = None
-        self._beat: asyncio.Task[None] | None = None
-        self.expired = False  # set when a heartbeat found the lease lapsed
-
-    async def __aenter__(self) -> RemoteLease:
-        lease = await self._client.acquire(self._action, timeout=self._timeout)
-        self._lease = lease
-        self._beat = asyncio.get_running_loop().create_task(self._heartbeats(lease))
-        return lease
-
-    async def _heartbeats(self, lease: RemoteLease) -> None:
-        period = max(lease.ttl / 3, 0.01)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self._client.heartbeat(lease.id, fencing_token=lease.fencing_token)
-            except LeaseExpired:
-                self.expired = True
-                return
-            except TangramError:
-                return  # released or forgotten: nothing left to keep alive
-            except httpx.HTTPError:
-                continue  # the server is unreachable now; the next beat may get through
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._lease is not None
-        if self._beat is not None:
-            self._beat.cancel()
-        outcome = "ok" if exc_type is None else "error"
-        lease = self._lease
-        done = asyncio.get_running_loop().create_task(
-            self._client.release(lease.id, outcome, fencing_token=lease.fencing_token)
-        )
-        if exc_type is None:
-            await done  # LeaseExpired here: the body ran past a lapsed lease
-            return
-        # The body's own error (or cancellation) matters more than a failed release.
-        with contextlib.suppress(TangramError, httpx.HTTPError):
-            await _finish_release(done)
-
-
-async def _finish_release(task: asyncio.Task[None]) -> None:
-    while not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
-    task.result()

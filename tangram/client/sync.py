@@ -1,18 +1,19 @@
 """``SyncHttpClient``: the HTTP client for scripts without asyncio.
 
-An event loop runs in a daemon thread, so a lease's heartbeats go on while the script's
-own code runs in the ``with`` body."""
+An event loop runs in a daemon thread, so a lease's heartbeats (the ``HttpClient``'s
+keep-alive) go on while the script's own code runs in the ``with`` body."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from tangram.client.http import ActionLike, ActionState, HttpClient, LeaseContext
+from tangram.client.http import ActionLike, ActionState, HttpClient
 from tangram.client.wire import RemoteLease
+from tangram.leasing import Beats, LeaseContext
 
 T = TypeVar("T")
 
@@ -77,13 +78,25 @@ class SyncHttpClient:
     def pools(self) -> dict[str, Any]:
         return self._run(self._client.pools())
 
-    def acquire(self, action: ActionLike, *, timeout: float | None = None) -> RemoteLease:
-        return self._run(self._client.acquire(action, timeout=timeout))
+    def acquire(self, action: ActionLike, timeout: float | None = None) -> RemoteLease:
+        return self._run(self._client.acquire(action, timeout))
+
+    # The door protocol's calls (tangram.leasing.Door), blocking.
+    def release_lease(
+        self, lease: RemoteLease, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+    ) -> None:
+        self._run(self._client.release_lease(lease, outcome, usage))
+
+    def heartbeat_many(self, leases: Sequence[RemoteLease]) -> Beats:
+        return self._run(self._client.heartbeat_many(leases))
+
+    def cancel_action(self, action_id: str) -> bool:
+        return self._run(self._client.cancel_action(action_id))
 
     @contextmanager
     def lease(self, action: ActionLike, *, timeout: float | None = None) -> Iterator[RemoteLease]:
         """``with client.lease(action) as lease:``; heartbeats run in the loop thread."""
-        ctx: LeaseContext = self._client.lease(action, timeout=timeout)
+        ctx: LeaseContext[ActionLike, RemoteLease] = self._client.lease(action, timeout=timeout)
         lease = self._run(ctx.__aenter__())
         try:
             yield lease

@@ -33,6 +33,7 @@ from tangram.config import Config
 from tangram.core.state import IdleClose
 from tangram.errors import name_of
 from tangram.executors.fencing import GrantSigner, SignedGrant
+from tangram.leasing import ABANDONED
 from tangram.spec import Action, Lease, TangramError, Unavailable
 from tangram.wire import grant_out
 
@@ -302,7 +303,7 @@ class BrokerActor:
             # claiming it: nobody else would release it before its TTL.
             self._unclaimed.discard(action_id)
             with contextlib.suppress(TangramError):
-                self.broker.release(lease_id, "abandoned")
+                self.broker.release(lease_id, ABANDONED)
 
     def _forget_ended(self) -> None:
         # Owners of actions that are neither queued nor leased any more, in one pass
@@ -324,7 +325,7 @@ class BrokerActor:
             else:
                 lease = fut.result()
                 if client in self._gone:  # nobody will ever pick it up
-                    self.broker.release(lease.id, "abandoned")
+                    self.broker.release(lease.id, ABANDONED)
                     return
                 item = (action_id, grant_out(lease), None, None)
             self._inbox.setdefault(client, []).append(item)
@@ -343,7 +344,7 @@ class BrokerActor:
         for _, wire, _, _ in self._inbox.pop(client, []):
             if wire is not None:
                 with contextlib.suppress(TangramError):
-                    self.broker.release(wire["id"], "abandoned")
+                    self.broker.release(wire["id"], ABANDONED)
                 n += 1
         return n
 

@@ -8,9 +8,11 @@ One client sustains many concurrent actions from one process cheaply: every
 submission, release, heartbeat and cancellation goes into an outbox that one pump task
 sends as a single ``exchange`` call, with at most one such call in flight (what piles up
 meanwhile goes in the next one), and one long poll waits for grants while actions are
-queued. Heartbeats are batched too: every third of the shortest TTL held, all held
-leases in one call; their reply brings each lease's grant re-signed with its new expiry,
-which the client keeps on the ``Lease`` and hands to the executors.
+queued. Heartbeats are batched too: the keep-alive every door shares
+(``tangram.leasing.KeepAlive``) renews every held lease a third of the shortest TTL
+apart through ``heartbeat_many``, which puts them all in the next exchange; its reply
+brings each lease's grant re-signed with its new expiry, which the client keeps on the
+``Lease`` and hands to the executors.
 
 When Ray restarts the broker actor, a call in flight fails with ``ActorUnavailableError``:
 the client sends it again (for up to ``reconnect`` seconds) instead of failing its
@@ -27,7 +29,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from types import TracebackType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -36,9 +38,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tangram.actions import Bound
 from tangram.errors import WireError, class_named, from_name
 from tangram.executors.api import HttpCall, HttpCaller
-from tangram.executors.fencing import FencingError, StaleLease
+from tangram.executors.fencing import FencingError, SignedGrant, StaleLease
 from tangram.executors.sandbox import Command
 from tangram.executors.service import ServiceCall
+from tangram.leasing import ABANDONED, Beats, KeepAlive, LeaseContext, waiting
 from tangram.ray.actor import Reply
 from tangram.ray.executors import executor_name
 from tangram.spec import (
@@ -60,6 +63,10 @@ RECONNECT = 60.0  # how long calls are sent again while the broker actor is rest
 RETRY_PAUSE = 0.2  # between two tries of a call that found the actor unavailable
 RETRY_RELEASE = 0.5  # before a release the journal could not make durable is sent again
 DUPES_KEPT = 10_000  # grants remembered to recognise one delivered twice
+
+# A ``heartbeat_many`` call waiting for the exchange that carries its beats: the leases,
+# when they were sent (on this process's monotonic clock), and its answer.
+BeatWait = tuple[list[Lease], float, "asyncio.Future[Beats]"]
 
 
 class ExecutorError(TangramError):
@@ -122,15 +129,14 @@ class Client:
         self._releases: list[tuple[str, str, dict[str, Any] | None]] = []
         self._beats: list[str] = []
         self._cancels: list[str] = []
-        self._held: dict[str, float] = {}  # lease id -> ttl, while a body holds it
-        # The held leases themselves: heartbeats renew their grants in place.
-        self._held_leases: dict[str, Lease] = {}
-        self._lost: dict[str, TangramError] = {}  # held leases that failed a heartbeat
+        self._beat_waits: list[BeatWait] = []
+        # Leases held by a body (``lease``, ``hold``, ``run``): heartbeats renew their
+        # grants in place. ``_lost``: held leases that failed a heartbeat, and why.
+        self._keep: KeepAlive[Lease] = KeepAlive(self.heartbeat_many)
+        self._lost = self._keep.lost
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._polling = False
-        self._beater: asyncio.Task[None] | None = None
-        self._beat_period = float("inf")  # what the sleeping heartbeat task planned for
         self._pools: dict[str, dict[str, Any]] | None = None
         self._executors: dict[tuple[str, str, str], Any] = {}
         self._http: HttpCaller | None = None
@@ -178,9 +184,7 @@ class Client:
         self, lease_id: str, outcome: str = "ok", usage: dict[str, Any] | None = None
     ) -> None:
         """Return the lease's units. Releasing twice is fine; LeaseExpired if it expired."""
-        self._held.pop(lease_id, None)
-        self._held_leases.pop(lease_id, None)
-        lost = self._lost.pop(lease_id, None)
+        lost = self._keep.drop(lease_id)
         fut = self._releasing.get(lease_id)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -193,21 +197,48 @@ class Client:
         if lost is not None and isinstance(lost, LeaseExpired):
             raise lost
 
-    def lease(self, action: Action, *, timeout: float | None = None) -> ClientLease:
+    def lease(self, action: Action, *, timeout: float | None = None) -> LeaseContext[Action, Lease]:
         """``async with client.lease(action) as lease:``, kept alive by batched heartbeats."""
-        return ClientLease(self, action, timeout)
+        return LeaseContext(self, self._keep, action, timeout)
 
     def hold(self, lease: Lease) -> None:
         """Keep ``lease`` alive with the batched heartbeats until it is released."""
-        self._held[lease.id] = lease.ttl
-        self._held_leases[lease.id] = lease
-        task = self._beater
-        if task is not None and not task.done() and lease.ttl / 3 < self._beat_period:
-            task.cancel()  # it sleeps longer than this lease's TTL allows
-            task = None
-        if task is None or task.done():
-            self._beat_period = lease.ttl / 3
-            self._beater = self._spawn(self._beat())
+        self._keep.hold(lease)
+
+    # ------------------------------------------------------------------ the door protocol
+    async def release_lease(
+        self, lease: Lease, outcome: str = "ok", usage: Mapping[str, Any] | None = None
+    ) -> None:
+        await self.release(lease.id, outcome, None if usage is None else dict(usage))
+
+    async def heartbeat_many(self, leases: Sequence[Lease]) -> Beats:
+        """Renew the leases in the next exchange (one Ray call, with whatever else is in
+        the outbox) and wait for its reply: each lease gets its re-signed grant, and the
+        answer says when it expires now (at the latest: sent + TTL, on this process's
+        clock) or why it failed. A renewal the broker could not make durable yet is left
+        out; the next beat sends it again."""
+        if self._closed or not leases:
+            return {}
+        fut: asyncio.Future[Beats] = asyncio.get_running_loop().create_future()
+        self._beats.extend(x.id for x in leases)
+        self._beat_waits.append((list(leases), time.monotonic(), fut))
+        self._kick()
+        return await fut
+
+    async def cancel_action(self, action_id: str) -> bool:
+        """Take an action this client waits for out of the queue: its ``acquire`` raises
+        ActionCancelled (a grant that raced the cancel is given back). False if this
+        client does not wait for it."""
+        fut = self._waiting.pop(action_id, None)
+        if fut is None:
+            return False
+        self._actions.pop(action_id, None)
+        self._resent.discard(action_id)
+        self._cancels.append(action_id)
+        self._kick()
+        if not fut.done():
+            fut.set_exception(ActionCancelled(f"action {action_id!r} was cancelled"))
+        return True
 
     # ------------------------------------------------------------------ other calls
     async def close_trajectory(self, trajectory: str) -> int:
@@ -246,15 +277,9 @@ class Client:
             action = work
         _check_request(request)
         await self.pools()
-        lease = await self.acquire(action, timeout)
-        self.hold(lease)
-        try:
-            result, usage = await self._dispatch(lease, request)
-        except BaseException:
-            with contextlib.suppress(TangramError):
-                await self.release(lease.id, "error")
-            raise
-        await self.release(lease.id, "ok", usage)
+        ctx = self.lease(action, timeout=timeout)
+        async with ctx as lease:
+            result, ctx.usage = await self._dispatch(lease, request)
         return result
 
     async def run_on(self, lease: Lease, request: Any) -> Any:
@@ -394,18 +419,25 @@ class Client:
             if self._submits or self._releases or self._beats or self._cancels:
                 batch = (self._submits, self._releases, self._beats, self._cancels)
                 self._submits, self._releases, self._beats, self._cancels = [], [], [], []
+                waits, self._beat_waits = self._beat_waits, []
                 try:
                     self.calls["exchange"] += 1
                     reply = await self.broker.exchange.remote(self.id, *batch, 0.0)
+                except asyncio.CancelledError:
+                    _answer_beats(waits, None)
+                    raise
                 except Exception as exc:
                     if await self._survivable(exc):
                         self._requeue(batch)
+                        self._beat_waits[:0] = waits
                         await asyncio.sleep(RETRY_PAUSE)
                         self._wake.set()
                         continue
                     self._fail_all(batch, exc)  # the broker is gone: fail what waited
+                    _answer_beats(waits, None)
                     continue
                 self._handle(reply)
+                _answer_beats(waits, reply)
             if self._waiting and not self._polling:
                 self._polling = True
                 self._spawn(self._poll())
@@ -455,11 +487,10 @@ class Client:
                 self._dupes[action_id] = grant_id
                 if len(self._dupes) > DUPES_KEPT:
                     del self._dupes[next(iter(self._dupes))]
-            if grant_id is not None and (fut is None or fut.done() or action is None):
-                # Its caller gave up (timeout, cancellation): give the grant back.
-                self._abandon_grant(grant_id)
-                continue
-            if fut is None or fut.done() or action is None:
+            if fut is None or not waiting(fut) or action is None:
+                if grant_id is not None:
+                    # Its caller gave up (timeout, cancellation): give the grant back.
+                    self._abandon_grant(grant_id)
                 continue
             if wire is not None:
                 try:
@@ -495,13 +526,12 @@ class Client:
         for lease_id, err, msg in failed:
             if _unavailable(err):
                 continue  # renewed but not durable yet: the next heartbeat tries again
-            self._held_leases.pop(lease_id, None)
-            if self._held.pop(lease_id, None) is not None:
-                self._lost[lease_id] = from_name(err, msg)
+            self._keep.lose(lease_id, from_name(err, msg))
+        held = self._keep.held
         for lease_id, grant in refreshed:
-            held = self._held_leases.get(lease_id)
-            if held is not None and (held.grant is None or grant.expires > held.grant.expires):
-                held.grant = grant
+            kept = held.get(lease_id)
+            if kept is not None:
+                _renew(kept, grant)
         if restarted:
             self.restarts += 1
         if restarted or self._resync:
@@ -552,7 +582,7 @@ class Client:
         self._submits[:0] = [a for a in submits if a.id in self._waiting]
         self._releases[:0] = releases
         self._resent_releases.update(lease_id for lease_id, _, _ in releases)
-        self._beats[:0] = [i for i in beats if i in self._held]
+        self._beats[:0] = [i for i in beats if i in self._keep.held]
         self._cancels[:0] = cancels
 
     def _resubmit(self) -> None:
@@ -568,13 +598,13 @@ class Client:
             if action_id not in outbox:
                 self._submits.append(action)
         # Restored leases kept counting down while the actor was away: renew them now.
-        self._beats = list(dict.fromkeys([*self._beats, *self._held]))
+        self._beats = list(dict.fromkeys([*self._beats, *self._keep.held]))
         self._kick()
 
     def _abandon_grant(self, lease_id: str) -> None:
         """Give back a grant nobody will hold (its caller gave up)."""
-        self._releases.append((lease_id, "abandoned", None))
-        self._release_args[lease_id] = ("abandoned", None)
+        self._releases.append((lease_id, ABANDONED, None))
+        self._release_args[lease_id] = (ABANDONED, None)
         self._releasing[lease_id] = asyncio.get_running_loop().create_future()
         self._kick()
 
@@ -585,23 +615,18 @@ class Client:
         self._releases.append((lease_id, *args))
         self._kick()
 
-    async def _beat(self) -> None:
-        while self._held and not self._closed:
-            self._beat_period = min(self._held.values()) / 3
-            await asyncio.sleep(self._beat_period)
-            if self._held:
-                self._beats.extend(self._held)
-                self._kick()
-
     async def aclose(self) -> None:
         """Stop the pump; grants the broker holds for this client go back."""
         if self._closed:
             return
         self._closed = True
+        self._keep.close()
         if self._wake is not None:
             self._wake.set()
         for task in list(self._tasks):
             task.cancel()  # a call already sent still runs in the broker
+        waits, self._beat_waits = self._beat_waits, []
+        _answer_beats(waits, None)
         # Queued actions leave the queue; releases not sent yet go out now, not at TTL.
         cancels = self._cancels + list(self._waiting)
         for fut in self._waiting.values():
@@ -624,32 +649,36 @@ class Client:
         await self.aclose()
 
 
-class ClientLease:
-    """The ``async with`` of ``Client.lease``."""
+def _renew(lease: Lease, grant: SignedGrant) -> None:
+    # Replies may come out of order after a resend: keep the newest grant.
+    if lease.grant is None or grant.expires > lease.grant.expires:
+        lease.grant = grant
 
-    __slots__ = ("_action", "_client", "_lease", "_timeout")
 
-    def __init__(self, client: Client, action: Action, timeout: float | None) -> None:
-        self._client = client
-        self._action = action
-        self._timeout = timeout
-        self._lease: Lease | None = None
-
-    async def __aenter__(self) -> Lease:
-        lease = await self._client.acquire(self._action, self._timeout)
-        self._lease = lease
-        self._client.hold(lease)
-        return lease
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._lease is not None
-        if exc_type is None:
-            await self._client.release(self._lease.id, "ok")
-            return
-        with contextlib.suppress(TangramError):  # the body's error matters more
-            await self._client.release(self._lease.id, "error")
+def _answer_beats(waits: list[BeatWait], reply: Reply | None) -> None:
+    """Answer ``heartbeat_many`` calls from the reply of the exchange that carried their
+    beats (None: no reply will come; nothing is known, the leases stay held)."""
+    if not waits:
+        return
+    failed: dict[str, TangramError | None] = {}
+    grants: dict[str, SignedGrant] = {}
+    if reply is not None:
+        for lease_id, err, msg in reply[2]:
+            # Not durable yet: no answer, the next beat sends it again.
+            failed[lease_id] = None if _unavailable(err) else from_name(err, msg)
+        grants = dict(reply[3])
+    for leases, sent, fut in waits:
+        out: Beats = {}
+        if reply is not None:
+            for lease in leases:
+                if lease.id in failed:
+                    error = failed[lease.id]
+                    if error is not None:
+                        out[lease.id] = error
+                    continue
+                grant = grants.get(lease.id)
+                if grant is not None:
+                    _renew(lease, grant)
+                out[lease.id] = sent + lease.ttl
+        if not fut.done():
+            fut.set_result(out)
