@@ -38,8 +38,9 @@ ENDED_KEPT = 100_000  # ended leases remembered for idempotent release and clear
 
 
 class LeaseTable:
-    def __init__(self, new_id: Callable[[], str]) -> None:
-        self._new_id = new_id
+    def __init__(self, ids: Callable[[str], str], prefix: str = "") -> None:
+        self._ids = ids  # kind -> a new id ("l" for leases)
+        self._prefix = prefix
         self.live: dict[str, Lease] = {}
         self.of_action: dict[str, str] = {}  # action id -> id of its live lease
         self._deadline: dict[str, float] = {}
@@ -55,16 +56,14 @@ class LeaseTable:
         self, action: Action, allocation: dict[str, Allocation], now: float, ttl: float
     ) -> Lease:
         self.fencing += 1
-        lease = Lease(
-            id=self._new_id(),
-            action=action,
-            fencing_token=self.fencing,
-            allocation=allocation,
-            granted_at=now,
-            expires_at=now + ttl,
-            ttl=ttl,
-        )
-        self._add(lease)
+        lid = self._prefix + self._ids("l")
+        at = now + ttl
+        lease = Lease(lid, action, self.fencing, allocation, now, at, ttl)
+        # As _add, inline: this runs on every grant.
+        self.live[lid] = lease
+        self.of_action[action.id] = lid
+        self._deadline[lid] = at
+        heapq.heappush(self._heap, (at, lid))
         return lease
 
     def adopt(self, lease: Lease) -> None:

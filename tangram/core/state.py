@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import itertools
 import os
-import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,12 +34,13 @@ from tangram.spec import (
 )
 
 
-def random_id(kind: str) -> str:
-    """An id nobody can guess or that comes back: ``kind`` and 96 random bits. Knowing a
+def random_ids() -> Callable[[str], str]:
+    """Ids nobody can guess or that come back: ``kind`` and 96 random bits. Knowing a
     lease id is what lets a caller release or heartbeat it, and an id that a restart
-    issued again would hand one client another's action."""
-    with _RANDOM_LOCK:  # brokers in several threads (tests, a Ray actor beside HTTP)
-        return kind + next(_RANDOM)
+    issued again would hand one client another's action. One generator per core (a core
+    is used by one thread), so no lock."""
+    tokens = _random_tokens().__next__
+    return lambda kind: kind + tokens()
 
 
 def _random_tokens() -> Iterator[str]:
@@ -50,10 +50,6 @@ def _random_tokens() -> Iterator[str]:
         text = base64.urlsafe_b64encode(os.urandom(12 * 256)).decode()
         for i in range(0, len(text), 16):
             yield text[i : i + 16]
-
-
-_RANDOM = _random_tokens()
-_RANDOM_LOCK = threading.Lock()
 
 
 def counting_ids() -> Callable[[str], str]:
@@ -131,7 +127,7 @@ class Core:
         id_prefix: str = "",
         start: float | None = None,
         max_queued_per_pool: int | None = None,
-        ids: Callable[[str], str] = random_id,
+        ids: Callable[[str], str] | None = None,
         trajectory_idle: float | None = None,
         tenant_bounds: Mapping[str | None, int] | None = None,
     ) -> None:
@@ -147,7 +143,7 @@ class Core:
         self.max_queued_per_pool = max_queued_per_pool
         self._cost_clock = cost_clock
         self._prefix = id_prefix
-        self._ids = ids
+        self._ids = ids or random_ids()
         self._queue: dict[str, Entry] = {}
         self._queued_pools: Counter[str] = Counter()
         # Queued actions per (pool, tenant): a full pool still takes a tenant below its
@@ -155,7 +151,9 @@ class Core:
         self._queued_tenants: Counter[tuple[str, str | None]] = Counter()
         # Queued actions a tenant may have at most (whatever door they came through);
         # a tenant without an entry has none.
-        self.tenant_bounds: dict[str | None, int] = dict(tenant_bounds or {})
+        self.tenant_bounds: dict[str | None, int] = {}
+        self._bound_floor = 0  # below this many queued actions no bound can be reached
+        self.bound_tenants(tenant_bounds or {})
         self._queued_by_tenant: Counter[str | None] = Counter()
         # Trajectories: how many of their actions are queued or held, and since when
         # those with none have been idle (in that order), to close them after
@@ -164,7 +162,7 @@ class Core:
         self._active: Counter[str] = Counter()
         self._idle: OrderedDict[str, float] = OrderedDict()
         self._closed: set[str] = set()  # closed by their client while leases still ran
-        self.table = LeaseTable(lambda: self._prefix + self._ids("l"))
+        self.table = LeaseTable(self._ids, self._prefix)
         # The table's live leases and action -> lease index, read by drivers.
         self.leases = self.table.live
         self.lease_of = self.table.of_action
@@ -198,7 +196,7 @@ class Core:
             feasible = self.validate(action)
             if action.id and (action.id in self._queue or action.id in self.lease_of):
                 raise InvalidAction(f"action id {action.id!r} is already in use", "duplicate_id")
-            if not restored:
+            if not restored and len(self._queue) >= self._bound_floor:
                 self._check_bound(action)
         except InvalidAction as exc:
             self.counts["refused"] += 1
@@ -231,6 +229,15 @@ class Core:
         for o in self.observers:
             o.on_submit(action, now)
         return action
+
+    def bound_tenants(self, bounds: Mapping[str | None, int]) -> None:
+        """Set the bound on queued actions of each tenant in ``bounds`` (a tenant without
+        one has none)."""
+        self.tenant_bounds.update(bounds)
+        floors = [*self.tenant_bounds.values()]
+        if self.max_queued_per_pool is not None:
+            floors.append(self.max_queued_per_pool)
+        self._bound_floor = min(floors, default=1 << 62)
 
     def _check_bound(self, action: Action) -> None:
         """QueueFull when a pool the action demands is full. A full pool still takes a

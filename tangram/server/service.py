@@ -42,7 +42,7 @@ class Service:
         bounds: dict[str | None, int] = {t.name: t.max_queued for t in self.tenants.values()}
         if not bounds:
             bounds[None] = self.settings.max_queued
-        self.broker.core.tenant_bounds.update(bounds)
+        self.broker.core.bound_tenants(bounds)
         self._by_digest = {_digest(t.token): t for t in tenants.values()}
         # The broker runs on the monotonic clock; clients want Unix time.
         self.wall = time.time() - self.broker.clock()
