@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_wall REAL NOT NULL,
     ttl REAL NOT NULL,
     body BLOB NOT NULL,
-    state TEXT NOT NULL DEFAULT 'active',
+    state TEXT NOT NULL DEFAULT 'granted',
     ended_wall REAL
 );
 CREATE TABLE IF NOT EXISTS actions (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, body BLOB NOT NULL);
@@ -328,7 +328,7 @@ class Journal:
                 self._top = max(self._top, top)
                 if self.commits % PRUNE_EVERY == 0 and self._top > ENDED_KEPT_LEASES:
                     db.execute(
-                        "DELETE FROM leases WHERE fencing < ? AND state != 'active'",
+                        "DELETE FROM leases WHERE fencing < ? AND state != 'granted'",
                         (self._top - ENDED_KEPT_LEASES,),
                     )
                 meta = [("commits", 1)]
@@ -374,7 +374,7 @@ class Journal:
         try:
             for body, expires, ttl, state, ended_wall in rows:
                 lease = _load_lease(body, expires, ttl, offset)
-                if state == "active":
+                if state == "granted":
                     leases.append(lease)
                 else:
                     lease.state = lease.outcome = state

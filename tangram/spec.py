@@ -367,7 +367,7 @@ class Lease:
     expires_at: float
     ttl: float
     overhead: float = 0.0
-    state: str = "active"  # active | released | expired
+    state: str = "granted"  # granted | released | expired (one word with the HTTP API)
     ended_at: float | None = None
     outcome: str | None = None
     # The broker's signature over what it granted (tangram.executors.SignedGrant) when it

@@ -61,7 +61,7 @@ async def settle() -> None:
 async def test_lease_context_releases_on_normal_exit(make_broker):
     broker = make_broker(CPU2)
     async with broker.lease(cpu()) as lease:
-        assert lease.state == "active"
+        assert lease.state == "granted"
         assert in_use(broker) == 2
         assert sorted(lease.allocation["cpu"].units) == [0, 1]
     assert (lease.state, lease.outcome) == ("released", "ok")
@@ -270,7 +270,7 @@ async def test_context_managed_leases_stay_alive_past_the_ttl(make_broker):
     broker.subscribe(lambda kind, obj: events.append(kind))
     async with broker.lease(cpu("a", 1)) as a, broker.lease(cpu("b", 1)) as b:
         await asyncio.sleep(0.25)  # more than two TTLs
-        assert a.state == "active" and b.state == "active"
+        assert a.state == "granted" and b.state == "granted"
         now = broker.clock()
         assert a.expires_at > now and b.expires_at > now
         assert in_use(broker) == 2
@@ -283,7 +283,7 @@ async def test_plain_acquire_is_not_kept_alive_once_contexts_heartbeat(make_brok
     plain = await broker.acquire(cpu("plain", 1))
     async with broker.lease(cpu("ctx", 1)) as ctx:
         await asyncio.sleep(0.15)
-        assert ctx.state == "active"
+        assert ctx.state == "granted"
         assert plain.state == "expired"  # only leases held by a context are refreshed
 
 
@@ -293,4 +293,4 @@ async def test_short_ttl_lease_held_while_a_long_one_is_alive_stays_alive(make_b
         await asyncio.sleep(0)
         async with broker.lease(cpu("short", 1, ttl=0.05)) as short:
             await asyncio.sleep(0.15)
-            assert short.state == "active"
+            assert short.state == "granted"

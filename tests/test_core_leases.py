@@ -104,7 +104,7 @@ def test_heartbeat_extends_the_ttl(make_core):
     assert lease.expires_at == 10.0
     assert core.heartbeat(lease.id, 5.0) == 15.0
     assert core.expire(10.0) == []  # the old deadline does nothing
-    assert lease.state == "active" and lease.id in core.leases
+    assert lease.state == "granted" and lease.id in core.leases
     assert core.next_wakeup() == 15.0
     assert core.expire(14.99) == []
     (ev,) = core.expire(15.0)

@@ -3,11 +3,11 @@ state.
 
 | from | event | to |
 |---|---|---|
-| (a queued action) | ``grant`` | active |
-| (a restart) | ``adopt`` | active |
-| active | ``extend`` (a heartbeat) | active, with a new deadline |
-| active | ``close(..., "released")`` | released |
-| active | its deadline passes (``due``) | expired |
+| (a queued action) | ``grant`` | granted |
+| (a restart) | ``adopt`` | granted |
+| granted | ``extend`` (a heartbeat) | granted, with a new deadline |
+| granted | ``close(..., "released")`` | released |
+| granted | its deadline passes (``due``) | expired |
 | (a restart) | ``remember`` | released or expired |
 
 Deadlines are the table's own (``deadline``): a caller that changes ``expires_at`` on a
@@ -67,12 +67,12 @@ class LeaseTable:
         return lease
 
     def adopt(self, lease: Lease) -> None:
-        """A lease recorded before a restart, active again with its id, token and
+        """A lease recorded before a restart, granted again with its id, token and
         deadline; the counter continues above its token."""
         if lease.id in self.live or lease.action.id in self.of_action:
             raise ValueError(f"lease {lease.id!r} is already live")
         self.fencing = max(self.fencing, lease.fencing_token)
-        lease.state = "active"
+        lease.state = "granted"
         self._add(lease)
 
     def remember(self, lease: Lease) -> None:
@@ -89,9 +89,9 @@ class LeaseTable:
 
     # ------------------------------------------------------------------ queries
     def state(self, lease_id: str) -> str:
-        """active, released or expired; UnknownLease if never seen (or long forgotten)."""
+        """granted, released or expired; UnknownLease if never seen (or long forgotten)."""
         if lease_id in self.live:
-            return "active"
+            return "granted"
         ended = self.ended.get(lease_id)
         if ended is None:
             raise UnknownLease(f"no lease {lease_id!r}")

@@ -388,7 +388,7 @@ class Core:
 
     # ------------------------------------------------------------------ leases
     def lease_state(self, lease_id: str) -> str:
-        """active, released or expired; UnknownLease if never seen (or long forgotten)."""
+        """granted, released or expired; UnknownLease if never seen (or long forgotten)."""
         return self.table.state(lease_id)
 
     @property

@@ -34,8 +34,7 @@ class Record:
         lease = self.lease
         if lease is None:
             return "cancelled" if self.cancelled else "queued"
-        st = lease.state
-        return "granted" if st == "active" else st
+        return lease.state  # granted, released or expired
 
 
 class Registry:
@@ -67,7 +66,7 @@ class Registry:
         lease = fut.result()
         rec.lease = lease
         self.by_lease[lease.id] = rec
-        if lease.state != "active":  # ended before anyone looked (an expiry raced)
+        if lease.state != "granted":  # ended before anyone looked (an expiry raced)
             self.end(rec)
 
     def end(self, rec: Record) -> None:
@@ -110,7 +109,7 @@ class Registry:
         self.by_lease[lease.id] = rec
         if idem is not None:  # a retried submit finds the lease it was granted
             self.by_key[idem] = rec
-        if lease.state != "active":
+        if lease.state != "granted":
             self.end(rec)
         return rec
 
