@@ -18,7 +18,7 @@ from tangram.core.managers.base import Manager
 from tangram.core.policy import Policy
 from tangram.core.state import Core, counting_ids
 from tangram.sim.engine import ActionRun, Runner
-from tangram.sim.provider import Provider
+from tangram.sim.provider import HasLimits, Provider
 from tangram.spec import Action, InvalidAction
 
 # Leases never expire in the simulator: actions release when they finish, and a TTL that
@@ -81,9 +81,7 @@ class CoreExecutor:
         # The providers behind the quota pools: every grant is replayed against them, so
         # a broker that let a call over the limit is caught, not assumed away.
         self.providers = {
-            n: Provider.of_limits(m.limits)  # type: ignore[attr-defined]
-            for n, m in pools.items()
-            if m.kind == "quota"
+            n: Provider.of_limits(m.limits) for n, m in pools.items() if isinstance(m, HasLimits)
         }
         self.quota_violations = 0
         self.restores = 0  # grants that paid a restore

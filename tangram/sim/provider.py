@@ -8,9 +8,18 @@ provider; a refusal there is a quota violation the broker let through).
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol, runtime_checkable
 
 from tangram.config import QuotaPoolConfig, build_pool
 from tangram.core.managers.quota import QuotaLimits
+
+
+@runtime_checkable
+class HasLimits(Protocol):
+    """A pool whose limits a provider enforces (a quota pool), seen without its class."""
+
+    @property
+    def limits(self) -> QuotaLimits: ...
 
 
 class Provider:
@@ -64,7 +73,9 @@ class Provider:
     @staticmethod
     def of(cfg: QuotaPoolConfig) -> Provider:
         # Built through the broker's own pool: one reading of the limits, not two.
-        return Provider.of_limits(build_pool("api", cfg).limits)  # type: ignore[attr-defined]
+        pool = build_pool("api", cfg)
+        assert isinstance(pool, HasLimits)
+        return Provider.of_limits(pool.limits)
 
     @staticmethod
     def of_limits(limits: QuotaLimits) -> Provider:
