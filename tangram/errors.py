@@ -5,7 +5,7 @@ problem ``type``), as a Ray reply's class name with its message, and pickled ins
 task error (the executors' fencing refusals). ``CODES`` is the only place that says which
 name, HTTP status and problem type each class has. The HTTP server answers with it
 (tangram/server/problems.py), the HTTP client raises from it (tangram/client/errors.py)
-and the Ray client rebuilds from it (tangram/ray/client.py), so no side can know a class
+and the Ray client rebuilds from it (tangram/ray/transport.py), so no side can know a class
 the others do not.
 
 The classes live here rather than beside the code that raises them so that this module

@@ -33,14 +33,8 @@ from tangram.executors.fencing import (
 )
 from tangram.executors.service import ServiceSpec
 from tangram.ray.actor import DEFAULT_DATA_DIR, BrokerActor
-from tangram.ray.client import (
-    DEFAULT_NAME,
-    DEFAULT_NAMESPACE,
-    BrokerNotFound,
-    Client,
-    ExecutorError,
-    get_broker,
-)
+from tangram.ray.client import Client
+from tangram.ray.execute import ExecutorError
 from tangram.ray.executors import (
     FencingKeyMismatch,
     executor_name,
@@ -48,6 +42,7 @@ from tangram.ray.executors import (
     start_executors,
 )
 from tangram.ray.nodes import cpu_pool_from_ray
+from tangram.ray.transport import DEFAULT_NAME, DEFAULT_NAMESPACE, BrokerNotFound, get_broker
 
 __all__ = [
     "DEFAULT_DATA_DIR",

@@ -68,7 +68,7 @@ def wait(request: Request) -> float:
 
 
 def path_id(request: Request, name: str) -> str:
-    """A path parameter with the bounds of ``app.Id``."""
+    """A path parameter with the bounds of ``tangram.server.routes.common.Id``."""
     value = str(request.path_params[name])
     if not 1 <= len(value) <= MAX_NAME:
         raise Problem(422, f"path.{name}: must be 1 to {MAX_NAME} characters")
