@@ -395,8 +395,12 @@ class Journal:
         hold: float | None = None
         commits = int(meta.get("commits", 0))
         if self._lost_mark:
-            log.warning("journal: %s has no valid mark beside it; continuing tokens far "
-                        "above the database's and holding grants for %g s", self.path, max_ttl)
+            log.warning(
+                "journal: %s has no valid mark beside it; continuing tokens far "
+                "above the database's and holding grants for %g s",
+                self.path,
+                max_ttl,
+            )
             fencing += LOST_MARK_JUMP
             seq += LOST_MARK_JUMP
             hold = self._wall() + max_ttl

@@ -234,9 +234,7 @@ class _PoolCollector(Collector):
         for kind in kinds.KINDS.values():
             for fam in kind.manager.metrics:
                 cls = CounterMetricFamily if fam.type == "counter" else GaugeMetricFamily
-                extra[fam.name] = cls(
-                    f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels]
-                )
+                extra[fam.name] = cls(f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels])
         queue_len = core.queued_per_pool()
         for name, mgr in core.pools.items():
             mgr.tick(now)

@@ -51,9 +51,7 @@ def test_a_registered_kind_is_configured_scheduled_and_described(toy: None) -> N
 
     async def main() -> None:
         broker = Broker.from_config(cfg)
-        leases = [
-            await broker.acquire(Action.build(f"t{i}", {"lic": 1, "cpu": 1})) for i in (0, 1)
-        ]
+        leases = [await broker.acquire(Action.build(f"t{i}", {"lic": 1, "cpu": 1})) for i in (0, 1)]
         units = [(x.allocation["lic"].node, x.allocation["lic"].units) for x in leases]
         assert units == [("b", (0,)), ("a", (0,))]  # the node with most free, then the other
         with pytest.raises(asyncio.TimeoutError):  # 2 cores held: the third waits

@@ -12,7 +12,7 @@ import pytest
 from tangram.sim import executor
 from tangram.sim.engine import Runner, SimulationStuck
 from tangram.sim.provider import Provider
-from tangram.sim.run import simulate
+from tangram.sim.run import lower_bounds, simulate
 from tangram.sim.trace import TraceError, dump_lines, parse_lines, read_trace, write_trace
 from tangram.sim.workloads import WORKLOADS, generate
 
@@ -55,6 +55,25 @@ def test_tiny_trace_under_tangram_splits_the_cores_evenly() -> None:
     assert acts == [4.0, 4.0, 3.0]
     assert res["step_durations_s"] == [10.0]
     assert res["queue_mean_s"] == 0.0
+
+
+def test_lower_bounds_of_the_tiny_trace_are_hand_computed() -> None:
+    # Fastest executions: each elastic action on 4 cores, 8 / 4 = 2 s; the tool 3 s.
+    # ACT bound: (2 + 2 + 3) / 3. Step bound: t0 is 1 + 2 = 3 s long, t1 1 + 2 + 2 + 3
+    # = 8 s; the step is the longer. Every policy's figures are at least these.
+    trajs = parse_lines(TINY.splitlines())
+    assert lower_bounds(trajs, ONE_POOL) == {
+        "act_lower_bound_s": pytest.approx(7 / 3),
+        "step_lower_bound_s": 8.0,
+    }
+    # A pool of 2-core nodes: no allocation spans nodes, so the fastest is 8 / 2 = 4 s.
+    two = {"pools": {"cpu": {"kind": "cpu", "nodes": [{"cores": 2, "count": 2}]}}}
+    assert lower_bounds(trajs, two)["step_lower_bound_s"] == 1 + 4 + 2 + 3
+    for policy in ("min", "tangram", "fixed:2"):
+        _, res = _acts(policy)
+        assert res["act_lower_bound_s"] == pytest.approx(7 / 3)
+        assert res["act_mean_s"] >= res["act_lower_bound_s"]
+        assert res["step_mean_s"] >= res["step_lower_bound_s"] == 8.0
 
 
 def test_same_seed_gives_the_same_results() -> None:
@@ -198,7 +217,7 @@ def test_k8s_pods_slow_down_when_their_node_is_oversubscribed() -> None:
         for i in range(2)
     )
     pools = {"pools": {"cpu": {"kind": "cpu", "nodes": [{"cores": 2, "memory_gb": 8}]}}}
-    res, runner = simulate(parse_lines(text.splitlines()), pools, "k8s-pod")
+    res, runner = simulate(parse_lines(text.splitlines()), pools, "k8s-pod:exec=0,startup_rate=0")
     assert [r.ended - r.submitted for r in runner.runs] == [13.0, 13.0]
     assert res["queue_mean_s"] == 5.0
     assert res["exec_mean_s"] == 8.0
@@ -314,7 +333,7 @@ def test_a_pod_that_fits_no_node_stays_pending_until_a_trajectory_ends() -> None
         for i in range(3)
     )
     pools = {"pools": {"cpu": {"kind": "cpu", "nodes": [{"cores": 1, "memory_gb": 8}]}}}
-    res, runner = simulate(parse_lines(text.splitlines()), pools, "k8s-pod")
+    res, runner = simulate(parse_lines(text.splitlines()), pools, "k8s-pod:exec=0,startup_rate=0")
     # t0 and t1 share one core from t=5: both at half speed until t0 ends at 9, t1 then
     # alone ends at 10. t2's pod binds at 9, is ready at 14, runs 4 s: ends at 18.
     assert [r.ended for r in runner.runs] == [9.0, 10.0, 18.0]

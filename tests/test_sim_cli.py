@@ -41,7 +41,7 @@ def test_sim_writes_results_and_plots_and_replays_identically(tmp_path: Path) ->
     r = data["policies"]["tangram"]
     for key in (
         "act_mean_s", "act_p50_s", "act_p99_s", "queue_mean_s", "exec_mean_s",
-        "overhead_mean_s", "step_durations_s", "makespan_s", "restores",
+        "setup_mean_s", "step_durations_s", "makespan_s", "restores",
         "quota_violations", "failed_actions",
     ):  # fmt: skip
         assert key in r

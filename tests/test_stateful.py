@@ -100,7 +100,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.policy = "tangram"
 
-    @initialize(policy=st.sampled_from(["tangram", "min", "fixed:2"]))
+    @initialize(policy=st.sampled_from(["tangram", "paper", "min", "fixed:2"]))
     def setup(self, policy: str) -> None:
         cfg = parse_config(CONFIG)
         self.policy = policy

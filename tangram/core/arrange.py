@@ -31,7 +31,7 @@ class Candidate:
     """Feasible amounts on the key partition (ascending) and the cost of each."""
 
     amounts: tuple[int, ...]
-    costs: Sequence[float]  # a tuple or a numpy array, aligned with amounts
+    costs: Sequence[float] | np.ndarray  # aligned with amounts
 
 
 class PrefixDP:

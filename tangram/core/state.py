@@ -22,7 +22,7 @@ from tangram.core.entries import Admitted, Entry
 from tangram.core.leases import LeaseTable
 from tangram.core.managers.base import Manager, Scratch
 from tangram.core.policies.base import Policy
-from tangram.core.policies.elastic import Elastic
+from tangram.core.policies.tangram import Tangram
 from tangram.core.validate import validate
 from tangram.spec import (
     Action,
@@ -136,8 +136,6 @@ class Core:
         if trajectory_idle is not None and not trajectory_idle > 0:
             raise ValueError("trajectory_idle must be positive (or None: never)")
         self.pools = dict(pools)
-        # A policy of this core's own (the elastic one keeps an index of its leases).
-        self.policy = (policy or Elastic()).bind(self.pools)
         self.lease_ttl = lease_ttl
         # Beyond this many queued actions a pool refuses more (memory stays bounded).
         self.max_queued_per_pool = max_queued_per_pool
@@ -146,6 +144,8 @@ class Core:
         self._ids = ids or random_ids()
         self._queue: dict[str, Entry] = {}
         self._queued_pools: Counter[str] = Counter()
+        # A policy of this core's own (the elastic ones keep an index of their leases).
+        self.policy = (policy or Tangram()).bind(self.pools, self._queued_pools)
         # Queued actions per (pool, tenant): a full pool still takes a tenant below its
         # fair share, so one tenant cannot lock the others out.
         self._queued_tenants: Counter[tuple[str, str | None]] = Counter()
@@ -181,19 +181,23 @@ class Core:
     # ------------------------------------------------------------------ submission
     def validate(self, action: Action) -> dict[str, tuple[int, ...]]:
         """Check an action against the pools (tangram.core.validate); return the feasible
-        amounts per pool and set its key pool when it names none and one demand is
-        elastic. Raises InvalidAction saying what is wrong and what would fit."""
-        feasible, key = validate(action, self.pools)
-        action.key = key
-        return feasible
+        amounts per pool. Raises InvalidAction saying what is wrong and what would fit.
+        The action is not changed."""
+        return validate(action, self.pools)[0]
 
     def submit(self, action: Action, now: float, *, restored: bool = False) -> Action:
-        """Queue a valid action (an id is assigned if it has none); raise InvalidAction.
+        """Queue a valid action; raise InvalidAction (or QueueFull), changing nothing.
+
+        The core takes the action: it fills in what it decides (an id if it has none, its
+        FCFS place ``seq``, ``submitted_at``, and its key pool when it names none and one
+        demand is elastic) and reads it until it leaves the queue and its lease ends, so
+        the caller must not change it afterwards. (Copying it instead would cost every
+        submit a copy; every driver hands over an action it built for this call.)
 
         ``restored``: an action a journal recorded as queued before a restart keeps its
         id, its place (``seq``) and its submit time, and is not refused for a full pool."""
         try:
-            feasible = self.validate(action)
+            feasible, key = validate(action, self.pools)
             if action.id and (action.id in self._queue or action.id in self.lease_of):
                 raise InvalidAction(f"action id {action.id!r} is already in use", "duplicate_id")
             if not restored and len(self._queue) >= self._bound_floor:
@@ -208,6 +212,7 @@ class Core:
             for o in self.observers:
                 o.on_refuse(action, "queue_full")
             raise
+        action.key = key
         if restored:
             self._seq = max(self._seq, action.seq)
         else:
@@ -593,7 +598,7 @@ class Core:
             adm = Admitted(entry, {})
             key = action.key
             for p, s in scrs:
-                amount = policy.key_amount(entry.feasible[p]) if p == key else entry.feasible[p][0]
+                amount = policy.key_amount(entry) if p == key else entry.feasible[p][0]
                 part = s.fit(action, amount)
                 if part is None:
                     for q, got in adm.amounts.items():
@@ -647,9 +652,7 @@ class Core:
             a = entry.action
             if a.id not in self._queue:
                 continue
-            amount = (
-                self.policy.key_amount(entry.feasible[p]) if p == a.key else entry.feasible[p][0]
-            )
+            amount = self.policy.key_amount(entry) if p == a.key else entry.feasible[p][0]
             t = self.pools[p].ready_at(a, amount, now)
             if t is None:
                 continue
@@ -697,4 +700,3 @@ class Core:
             "counts": dict(self.counts),
             "rounds": self.stats.rounds,
         }
-

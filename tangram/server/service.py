@@ -90,7 +90,6 @@ class Service:
             )
         return found.name
 
-
     async def answer(
         self, rec: Record, wait: float, queued_status: int, *, durable: bool = False
     ) -> Response:

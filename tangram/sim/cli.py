@@ -1,14 +1,17 @@
 """``tangram bench ...``: simulate the paper's workloads and baselines over the real core.
 
 Commands: ``sim`` (a generated workload), ``replay`` (a JSONL trace), ``sweep`` (vary
-batch size or pool capacity), ``workloads`` (list the workloads and their parameters).
-Each writes ``results.json`` and PNG plots into ``--out`` and prints a comparison table.
+batch size or pool capacity), ``matrix`` (a grid of workloads, batches, capacities and
+seeds against fixed parallelism; tangram/sim/matrix.py), ``workloads`` (list the
+workloads and their parameters). Each writes ``results.json`` (``matrix``:
+``matrix.json``) into ``--out`` and prints a comparison table.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,14 +21,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tangram.config import ConfigError, load_config
-from tangram.sim import report
+from tangram.sim import matrix, report
 from tangram.sim.baselines.k8s_pod import PodParams
 from tangram.sim.baselines.naive_api import NaiveApiParams
 from tangram.sim.baselines.static import StaticParams
 from tangram.sim.engine import SimulationStuck
-from tangram.sim.run import act_series, check_policy, simulate
+from tangram.sim.run import (
+    act_series,
+    check_policy,
+    declare_durations,
+    main_pool,
+    scale_pool,
+    simulate,
+)
 from tangram.sim.trace import TraceError, TrajectorySpec, read_trace, write_trace
-from tangram.sim.workloads import WORKLOADS, CodingParams, DeepSearchParams, MopdParams, generate
+from tangram.sim.workloads import (
+    WORKLOADS,
+    CodingLongParams,
+    CodingParams,
+    CodingShortParams,
+    DeepSearchParams,
+    MopdParams,
+    generate,
+)
 from tangram.spec import TangramError
 
 bench_app = typer.Typer(
@@ -63,6 +81,25 @@ PoolOpt = Annotated[
 CheckOpt = Annotated[
     bool, typer.Option("--check", help="check capacity and unit exclusivity after every round")
 ]
+DurationErrorOpt = Annotated[
+    float,
+    typer.Option(
+        "--duration-error",
+        min=0.0,
+        help="SIGMA: each action declares to the scheduler its true duration times "
+        "exp(N(0, SIGMA)), drawn from an RNG apart from the workload's (same workload); "
+        "execution follows the true duration. 0: declared durations are exact",
+    ),
+]
+HideDurationsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hide-durations",
+        help="actions declare no duration at all (efficiency curves stay known): the "
+        "scheduler has only what it observes",
+    ),
+]
+WORKLOAD_HELP = "one of: " + ", ".join(WORKLOADS)
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -82,9 +119,7 @@ def _pools(config: Path | None, workload: str | None) -> dict[str, Any]:
 
 
 def _target_pool(pools: dict[str, Any], pool: str | None) -> str:
-    if pool is not None:
-        return pool
-    return next((n for n, p in pools["pools"].items() if p.get("kind") in ("cpu", "gpu")), "")
+    return pool if pool is not None else main_pool(pools)
 
 
 def _resized(pools: dict[str, Any], pool: str | None, capacity: int | None) -> dict[str, Any]:
@@ -110,6 +145,20 @@ def _check_policies(policies: list[str]) -> list[str]:
         except ValueError as exc:
             raise _fail(str(exc)) from None
     return policies
+
+
+def _declared(
+    trajs: list[TrajectorySpec], duration_error: float, hide: bool, seed: int
+) -> list[TrajectorySpec]:
+    """The trajectories with the declarations ``--duration-error``/``--hide-durations``
+    ask for (the true durations, hence the workload, unchanged)."""
+    if hide and duration_error > 0:
+        raise _fail("--hide-durations declares no duration; leave out --duration-error")
+    return declare_durations(trajs, duration_error, hide, seed)
+
+
+def _declared_meta(duration_error: float, hide: bool) -> dict[str, Any]:
+    return {"duration_error": duration_error, "hide_durations": hide}
 
 
 def busy_fraction(trajs: list[TrajectorySpec]) -> float:
@@ -175,9 +224,7 @@ def _write(
 
 @bench_app.command("sim")
 def sim(
-    workload: Annotated[
-        str, typer.Option("--workload", "-w", help="coding, deepsearch, mopd or mixed")
-    ] = "coding",
+    workload: Annotated[str, typer.Option("--workload", "-w", help=WORKLOAD_HELP)] = "coding",
     policy: PolicyOpt = ["tangram"],  # noqa: B006 (typer reads the default, never mutates it)
     config: ConfigOpt = None,
     batch: Annotated[
@@ -196,8 +243,11 @@ def sim(
     capacity: CapacityOpt = None,
     pool: PoolOpt = None,
     check: CheckOpt = False,
+    duration_error: DurationErrorOpt = 0.0,
+    hide_durations: HideDurationsOpt = False,
 ) -> None:
-    """Generate a workload and run it under each policy; print a table, write results."""
+    """Generate a workload and run it under each policy; print a table (with the lower
+    bounds no policy can beat), write results."""
     _check_workload(workload)
     policies = _check_policies(policy)
     pools = _resized(_pools(config, workload), pool, capacity)
@@ -206,6 +256,7 @@ def sim(
     if save_trace is not None:
         write_trace(save_trace, trajs)
         console.print(f"wrote trace {save_trace}")
+    trajs = _declared(trajs, duration_error, hide_durations, seed)
     bf = busy_fraction(trajs)
     console.print(
         f"workload {workload}: {len(trajs)} trajectories, "
@@ -223,6 +274,7 @@ def sim(
         "steps": steps,
         "seed": seed,
         "busy_fraction": bf,
+        **_declared_meta(duration_error, hide_durations),
         "pools": pools,
     }
     _write(out, meta, results, series)
@@ -243,6 +295,8 @@ def replay(
     capacity: CapacityOpt = None,
     pool: PoolOpt = None,
     check: CheckOpt = False,
+    duration_error: DurationErrorOpt = 0.0,
+    hide_durations: HideDurationsOpt = False,
 ) -> None:
     """Replay a recorded trace under each policy; print a table, write results."""
     if workload is not None:
@@ -254,6 +308,7 @@ def replay(
         trajs = read_trace(trace)
     except (TraceError, OSError) as exc:
         raise _fail(str(exc)) from None
+    trajs = _declared(trajs, duration_error, hide_durations, seed)
     bf = busy_fraction(trajs)
     console.print(
         f"trace {trace}: {len(trajs)} trajectories, "
@@ -261,43 +316,20 @@ def replay(
     )
     results, series = run_policies(trajs, pools, policies, seed, check)
     console.print(report.table(results, f"replay {trace.name}", ref or policies[0]))
-    meta = {"trace": str(trace), "seed": seed, "busy_fraction": bf, "pools": pools}
+    meta = {
+        "trace": str(trace),
+        "seed": seed,
+        "busy_fraction": bf,
+        **_declared_meta(duration_error, hide_durations),
+        "pools": pools,
+    }
     _write(out, meta, results, series)
     console.print(f"total wall time {time.perf_counter() - t0:.2f} s")
 
 
-def scale_pool(pools: dict[str, Any], pool: str, units: int) -> dict[str, Any]:
-    """``pools`` with ``pool`` resized to ``units`` units: whole nodes of the first node
-    entry's size, and one smaller node for the remainder (a power of two for GPUs)."""
-    out = copy.deepcopy(pools)
-    cfg = out["pools"].get(pool)
-    if cfg is None or cfg.get("kind") not in ("cpu", "gpu"):
-        raise ValueError(f"pool {pool!r} is not a CPU or GPU pool of the configuration")
-    first = dict(cfg["nodes"][0])
-    field = "cores" if cfg["kind"] == "cpu" else "gpus"
-    size = first[field] if isinstance(first[field], int) else len(first[field])
-    whole, rest = divmod(units, size)
-    first.pop("count", None)
-    base = first.pop("name", None) or pool
-    nodes = []
-    if whole:
-        nodes.append({**first, field: size, "name": base, "count": whole})
-    if rest:
-        if cfg["kind"] == "gpu" and rest & (rest - 1):
-            raise ValueError(f"{units} GPUs: the remainder {rest} is not a power of two")
-        extra = {**first, field: rest, "name": f"{base}-r"}
-        if cfg["kind"] == "cpu":
-            extra["numa"] = 1
-        nodes.append(extra)
-    if not nodes:
-        raise ValueError("capacity must be at least one unit")
-    cfg["nodes"] = nodes
-    return out
-
-
 @bench_app.command("sweep")
 def sweep(
-    workload: Annotated[str, typer.Option("--workload", "-w")] = "coding",
+    workload: Annotated[str, typer.Option("--workload", "-w", help=WORKLOAD_HELP)] = "coding",
     policy: PolicyOpt = ["tangram"],  # noqa: B006
     vary: Annotated[str, typer.Option("--vary", help="batch or capacity")] = "batch",
     values: Annotated[
@@ -313,6 +345,8 @@ def sweep(
     seed: SeedOpt = 0,
     out: OutOpt = Path("bench-out"),
     check: CheckOpt = False,
+    duration_error: DurationErrorOpt = 0.0,
+    hide_durations: HideDurationsOpt = False,
 ) -> None:
     """Vary batch size or pool capacity; plot mean ACT per policy (the scalability figure)."""
     _check_workload(workload)
@@ -339,10 +373,17 @@ def sweep(
                 sized[x] = scale_pool(pools, target, x)
             except ValueError as exc:
                 raise _fail(str(exc)) from None
-    fixed_trajs = generate(workload, batch, steps, seed) if vary == "capacity" else None
+    fixed_trajs = (
+        _declared(generate(workload, batch, steps, seed), duration_error, hide_durations, seed)
+        if vary == "capacity"
+        else None
+    )
     for x in xs:
         if vary == "batch":
-            trajs, cfg = generate(workload, x, steps, seed), pools
+            trajs = _declared(
+                generate(workload, x, steps, seed), duration_error, hide_durations, seed
+            )
+            cfg = pools
         else:
             assert fixed_trajs is not None
             trajs, cfg = fixed_trajs, sized[x]
@@ -360,6 +401,7 @@ def sweep(
         "batch": batch,
         "steps": steps,
         "seed": seed,
+        **_declared_meta(duration_error, hide_durations),
         "pools": pools,
     }
     report.write_json(out / "results.json", {**meta, "points": points})
@@ -369,12 +411,170 @@ def sweep(
     console.print(f"total wall time {time.perf_counter() - t0:.2f} s")
 
 
+def _ints(text: str, option: str, *, default_ok: bool = False, least: int = 1) -> list[int | None]:
+    """A comma list of whole numbers >= ``least`` (and ``default``, where allowed: None)."""
+    out: list[int | None] = []
+    for v in filter(None, (v.strip() for v in text.split(","))):
+        if default_ok and v == "default":
+            out.append(None)
+        elif v.isdigit() and int(v) >= least:
+            out.append(int(v))
+        else:
+            also = " or 'default'" if default_ok else ""
+            raise _fail(f"{option} {text!r}: write whole numbers >= {least}{also}, comma-separated")
+    return out
+
+
+@bench_app.command("matrix")
+def matrix_cmd(
+    workload: Annotated[
+        list[str], typer.Option("--workload", "-w", help=f"repeatable; {WORKLOAD_HELP}")
+    ] = ["coding"],  # noqa: B006
+    batch: Annotated[
+        str,
+        typer.Option("--batch", "-b", help="comma list of batch sizes ('default': the paper's)"),
+    ] = "default",
+    capacity: Annotated[
+        str,
+        typer.Option(
+            "--capacity",
+            help="comma list of sizes of each workload's first CPU/GPU pool, in whole nodes "
+            "as sim --capacity ('default': the workload's pools)",
+        ),
+    ] = "default",
+    seeds: Annotated[str, typer.Option("--seeds", help="comma list of seeds")] = "0",
+    policy: Annotated[
+        list[str],
+        typer.Option(
+            "--policy",
+            "-p",
+            help="repeatable: the policies compared (the --default one is always run)",
+        ),
+    ] = [],  # noqa: B006
+    fixed_sweep: Annotated[
+        bool,
+        typer.Option("--fixed-sweep", help="add fixed:2, fixed:4, fixed:8, fixed:16, fixed:32"),
+    ] = False,
+    default: Annotated[
+        str,
+        typer.Option("--default", help="the policy judged against paper and every fixed:K"),
+    ] = "tangram",
+    baseline: Annotated[
+        list[str],
+        typer.Option("--baseline", help="repeatable: policies only printed (k8s-pod...)"),
+    ] = [],  # noqa: B006
+    rows: Annotated[
+        str | None,
+        typer.Option(
+            "--rows",
+            help="docs/benchmarks.md's rows instead of -w/--batch/--capacity: A-F (11 "
+            "distinct coding cases), or some of them (A,C,E)",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="paper-rows: the same as --rows A-F")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", "-s", min=1)] = 1,
+    duration_error: DurationErrorOpt = 0.0,
+    hide_durations: HideDurationsOpt = False,
+    tolerance: Annotated[
+        float,
+        typer.Option("--tolerance", min=0.0, help="relative slack of 'no worse'"),
+    ] = matrix.TOLERANCE,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="simulations run in parallel (processes)")
+    ] = 2,
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for matrix.json")] = Path(
+        "bench-out"
+    ),
+    check: CheckOpt = False,
+) -> None:
+    """Run a grid of cases (workload x batch x capacity x seed) under every policy and
+    print, per case, each policy's ACT / step time, the best fixed K on each metric (in
+    hindsight) and the lower bounds. Writes OUT/matrix.json and ends with one JSON line:
+    in how many cases the default policy is no worse than min(paper, every fixed:K
+    present), and geometric means of default / competitor (below 1: default better)."""
+    if hide_durations and duration_error > 0:
+        raise _fail("--hide-durations declares no duration; leave out --duration-error")
+    seed_list = [s for s in _ints(seeds, "--seeds", least=0) if s is not None] or [0]
+    if preset is not None:
+        if preset not in matrix.PRESETS:
+            raise _fail(f"unknown --preset {preset!r}; choose from {', '.join(matrix.PRESETS)}")
+        if rows is not None:
+            raise _fail("give --rows or --preset, not both")
+        rows = matrix.PRESETS[preset]
+    if rows is not None:
+        if workload != ["coding"] or batch != "default" or capacity != "default":
+            raise _fail(
+                "--rows fixes workload, batch and capacity; leave out -w/--batch/--capacity"
+            )
+        try:
+            cases = matrix.row_cases(matrix.parse_rows(rows), seed_list)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    else:
+        for w in workload:
+            _check_workload(w)
+        batches = _ints(batch, "--batch", default_ok=True) or [None]
+        capacities = _ints(capacity, "--capacity", default_ok=True) or [None]
+        cases = matrix.grid_cases(list(dict.fromkeys(workload)), batches, capacities, seed_list)
+    for case in cases:  # every pool size checked before any simulation runs
+        try:
+            matrix.case_pools(case)
+        except ValueError as exc:
+            raise _fail(f"{case.workload}, capacity {case.capacity}: {exc}") from None
+    compared = list(dict.fromkeys([default, *policy, *(matrix.FIXED_SWEEP if fixed_sweep else ())]))
+    extra = [b for b in dict.fromkeys(baseline) if b not in compared]
+    _check_policies(compared + extra)
+    policies = compared + extra
+    settings = matrix.Settings(steps, duration_error, hide_durations, check)
+    console.print(
+        f"matrix: {len(cases)} cases x {len(policies)} policies = "
+        f"{len(cases) * len(policies)} simulations, {jobs} at a time"
+    )
+    t0 = time.perf_counter()
+    done = [0]
+
+    def on_case(i: int, entry: dict[str, Any]) -> None:
+        done[0] += 1
+        walls = sum(r.get("wall_s", 0.0) for r in entry["policies"].values())
+        console.print(
+            f"  {entry['case']}: done ({done[0]}/{len(cases)}, {walls:.1f} s of simulation, "
+            f"{time.perf_counter() - t0:.0f} s elapsed)"
+        )
+
+    entries = matrix.run_matrix(cases, policies, settings, jobs, on_case)
+    wall = time.perf_counter() - t0
+    summary = matrix.summarise(entries, default, tolerance)
+    # Natural width when writing to a file or a pipe: one row per case, never wrapped.
+    wide = console if console.is_terminal else Console(width=400)
+    wide.print(matrix.table(entries, policies, default, tolerance, extra))
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "default": default,
+        "policies": compared,
+        "baselines": extra,
+        "seeds": seed_list,
+        "steps": steps,
+        "rows": rows,
+        **_declared_meta(duration_error, hide_durations),
+        "tolerance": tolerance,
+        "jobs": jobs,
+        "wall_s": wall,
+    }
+    report.write_json(out / "matrix.json", {**meta, "summary": summary, "cases": entries})
+    console.print(f"wrote {out / 'matrix.json'}; total wall time {wall:.2f} s")
+    typer.echo(json.dumps(summary))
+
+
 @bench_app.command("workloads")
 def workloads() -> None:
     """List the workloads and baselines with their parameters (see tangram/sim/workloads.py
     and tangram/sim/baselines/ for the paper fact or assumption behind each)."""
     for name, params in (
         ("coding", CodingParams()),
+        ("coding-short", CodingShortParams()),
+        ("coding-long", CodingLongParams()),
         ("deepsearch", DeepSearchParams()),
         ("mopd", MopdParams()),
     ):

@@ -34,7 +34,9 @@ class ActionRun:
     started: float = -1.0  # when its units were granted (or its pod ran it)
     ended: float = -1.0
     exec_s: float = 0.0  # execution time (on the granted units, or slowed by contention)
-    overhead_s: float = 0.0  # restore time paid on top of execution (virtual seconds)
+    # time paid before execution that is not queueing (a GPU restore, a pod exec), in
+    # virtual seconds; "overhead" is only ever the scheduling round's own time
+    setup_s: float = 0.0
     sched_s: float = 0.0  # wall time of the scheduling round that granted it (measured)
     units: int = 0  # amount granted on the key pool (its parallelism)
     failed: bool = False

@@ -2,9 +2,11 @@
 virtual time: submit on arrival, one ``Core.schedule(now)`` per instant where something
 changed, release when an action's execution (plus any GPU restore) is over.
 
-Execution time follows from the grant: ``Action.duration_at(units on the key pool)``
-plus ``Manager.held_cost`` (the restore time of a service that was not resident). The
-core's own accounting (busy and idle unit-seconds, restores) is read back at the end.
+Execution time follows from the grant: the true duration at the units on the key pool
+(``ActionSpec.duration_at``, the arithmetic of ``Action.duration_at``; the action may
+have declared another duration, or none, to the scheduler) plus ``Manager.held_cost``
+(the restore time of a service that was not resident). The core's own accounting
+(busy and idle unit-seconds, restores) is read back at the end.
 """
 
 from __future__ import annotations
@@ -106,7 +108,10 @@ class CoreExecutor:
             demands=dict(s.demands),
             task=t.task,
             key=s.key,
-            duration=s.duration,
+            # What the action declares: its true duration, unless the run gives the
+            # scheduler a wrong one (--duration-error) or none (--hide-durations). The
+            # efficiency curve is always the true one.
+            duration=s.declared_duration,
             efficiency=s.efficiency,
             service=s.service,
             tokens=s.tokens,
@@ -137,13 +142,14 @@ class CoreExecutor:
                 run = self._runs.pop(g.action.id)
                 a = lease.action
                 amount = lease.allocation[a.key].amount if a.key in lease.allocation else 0
-                exec_s = (a.duration_at(amount) if a.key is not None else a.duration) or 0.0
+                # Execution follows the true duration (the spec's), whatever was declared.
+                exec_s = run.spec.duration_at(a.key, amount) or 0.0
                 extra = 0.0
                 for pool, alloc in lease.allocation.items():
                     extra += core.pools[pool].held_cost(a, alloc)
                 run.started = now
                 run.exec_s = exec_s
-                run.overhead_s = extra
+                run.setup_s = extra
                 if extra > 0:
                     self.restores += 1
                 run.sched_s = lease.overhead

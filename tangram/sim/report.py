@@ -29,7 +29,7 @@ COLUMNS = [
     ("act_p99_s", "p99"),
     ("queue_mean_s", "queue"),
     ("exec_mean_s", "exec"),
-    ("overhead_mean_s", "restore"),
+    ("setup_mean_s", "setup"),
     ("step_mean_s", "step"),
     ("failed_actions", "failed"),
     ("quota_violations", "over quota"),
@@ -37,10 +37,15 @@ COLUMNS = [
 
 
 def table(results: dict[str, dict[str, Any]], title: str, ref: str | None = None) -> Table:
-    """One row per policy; ``x ref`` columns give the ratio to the reference policy."""
+    """One row per policy; ``x ref`` columns give the ratio to the reference policy. A
+    last row gives the lower bounds (``run.lower_bounds``) under ACT and step; a column of
+    valid trajectories per hour appears when some policy voided trajectories."""
     t = Table(title=title + " (seconds)")
     t.add_column("policy")
-    for _, name in COLUMNS:
+    columns = list(COLUMNS)
+    if any(r.get("voided_trajectories") for r in results.values()):
+        columns.append(("valid_trajectories_per_hour", "valid traj/h"))
+    for _, name in columns:
         t.add_column(name, justify="right")
     if ref is not None:
         t.add_column(f"ACT / {ref} ACT", justify="right")
@@ -48,7 +53,7 @@ def table(results: dict[str, dict[str, Any]], title: str, ref: str | None = None
     base = results.get(ref or "")
     for pol, r in results.items():
         cells = [pol]
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             v = r.get(key, 0)
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         if ref is not None and base is not None:
@@ -57,6 +62,14 @@ def table(results: dict[str, dict[str, Any]], title: str, ref: str | None = None
             cells.append(_ratio(r["act_mean_s"], base["act_mean_s"]))
             cells.append(_ratio(r["step_mean_s"], base["step_mean_s"]))
         t.add_row(*cells)
+    bound = next((r for r in results.values() if "act_lower_bound_s" in r), None)
+    if bound is not None:
+        lb = {"act_mean_s": bound["act_lower_bound_s"], "step_mean_s": bound["step_lower_bound_s"]}
+        cells = ["lower bound"] + [f"{lb[k]:.4g}" if k in lb else "" for k, _ in columns]
+        if ref is not None and base is not None:
+            cells += [_ratio(lb["act_mean_s"], base["act_mean_s"])]
+            cells += [_ratio(lb["step_mean_s"], base["step_mean_s"])]
+        t.add_row(*cells, style="dim")
     return t
 
 
@@ -96,17 +109,17 @@ def plot_act_over_time(
 
 
 def plot_act_split(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Mean ACT split into queueing, execution and restore (overhead), per policy."""
+    """Mean ACT split into queueing, execution and setup (restore, exec), per policy."""
     pols = list(results)
     q = np.array([results[p]["queue_mean_s"] for p in pols])
     e = np.array([results[p]["exec_mean_s"] for p in pols])
-    o = np.array([results[p]["overhead_mean_s"] for p in pols])
+    o = np.array([results[p]["setup_mean_s"] for p in pols])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(pols) + 2), 4.5))
     x = np.arange(len(pols))
     ax.bar(x, e, label="execution")
     ax.bar(x, q, bottom=e, label="queue")
-    ax.bar(x, o, bottom=e + q, label="restore / overhead")
+    ax.bar(x, o, bottom=e + q, label="setup (restore, exec)")
     ax.set_xticks(x, pols, rotation=20)
     ax.set_ylabel("mean ACT (s)")
     ax.legend()

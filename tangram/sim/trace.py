@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,50 @@ class ActionSpec:
     service: str | None = None
     tokens: int | None = None
     kind: str = ""  # free-form label (tool, test, search, judge...) for the reports
+    # What the action tells the scheduler, when it is not the truth (``--duration-error``,
+    # ``--hide-durations``; never read from or written to a trace): ``declared`` replaces
+    # ``duration`` in the submitted action, ``hidden`` submits no duration at all. The
+    # simulated execution always follows ``duration``.
+    declared: float | None = None
+    hidden: bool = False
+
+    @property
+    def declared_duration(self) -> float | None:
+        """The duration the submitted action carries (None: it declares none)."""
+        if self.hidden:
+            return None
+        return self.duration if self.declared is None else self.declared
+
+    @property
+    def key_pool(self) -> str | None:
+        """The demand whose amount sets the duration: ``key``, or the only elastic demand
+        (the rule the core applies, tangram.core.validate.key_of)."""
+        if self.key is not None:
+            return self.key
+        elastic = [p for p, d in self.demands.items() if d.elastic]
+        return elastic[0] if len(elastic) == 1 else None
+
+    def duration_at(self, key: str | None, amount: int) -> float:
+        """True execution time on ``amount`` units of pool ``key``: what
+        ``Action.duration_at`` computes (the same arithmetic, so the same float) from the
+        true duration, whatever the action declared."""
+        if key is None:
+            return self.duration
+        lo = self.demands[key].min
+        if self.efficiency is None or amount == lo:
+            return self.duration
+        return self.duration * self.efficiency.speedup(lo) / self.efficiency.speedup(amount)
+
+    def fastest(self, feasible: Callable[[str, int], bool] | None = None) -> float:
+        """The shortest true execution time over the amounts of the key demand (those
+        ``feasible(pool, amount)`` accepts when given; the minimum if it accepts none)."""
+        key = self.key_pool
+        if key is None or self.efficiency is None:
+            return self.duration
+        amounts = self.demands[key].amounts()
+        if feasible is not None:
+            amounts = tuple(a for a in amounts if feasible(key, a)) or amounts[:1]
+        return min(self.duration_at(key, a) for a in amounts)
 
 
 @dataclass(slots=True)

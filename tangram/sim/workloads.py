@@ -31,6 +31,17 @@ CODING_POOLS: dict[str, Any] = {
     }
 }
 
+# The paper's CPU scaling cluster, 1280 cores on 5 of those nodes: the default of
+# ``coding-short``, whose many suites make cores scarce there (the best fixed K is small).
+CODING_1280_POOLS: dict[str, Any] = {
+    "pools": {
+        "cpu": {
+            "kind": "cpu",
+            "nodes": [{"name": "cpu", "count": 5, "cores": 256, "numa": 2, "memory_gb": 2400}],
+        }
+    }
+}
+
 # Paper: the GPU cluster is 5 nodes of 8 GPUs. 80 GB per GPU is assumed (H100/A100 class).
 GPU_NODES: list[dict[str, Any]] = [{"name": "gpu", "count": 5, "gpus": 8, "memory_gb": 80}]
 
@@ -87,30 +98,102 @@ def coding(p: CodingParams, steps: int, rng: np.random.Generator) -> list[Trajec
         for i in range(p.batch):
             t = TrajectorySpec(f"s{step}-c{i}", "coding", step, p.memory_gb)
             for _ in range(int(rng.integers(p.turns_min, p.turns_max + 1))):
-                tiny = rng.random() < p.tool_tiny_share
-                dur = (
-                    p.tool_tiny_s
-                    if tiny
-                    else float(rng.lognormal(np.log(p.tool_median_s), p.tool_sigma))
-                )
-                t.actions.append(
-                    ActionSpec(
-                        gap=_lognormal(rng, p.gap_median_s, p.gap_sigma),
-                        demands={"cpu": Demand.fixed(1)},
-                        duration=round(dur, 6),
-                        kind="tool",
-                    )
-                )
-            t.actions.append(
-                ActionSpec(
-                    gap=_lognormal(rng, p.gap_median_s, p.gap_sigma),
-                    demands={"cpu": Demand.range(1, p.test_max_cores)},
-                    duration=_lognormal(rng, p.test_median_s, p.test_sigma),
-                    key="cpu",
-                    efficiency=Amdahl(round(float(rng.uniform(p.amdahl_lo, p.amdahl_hi)), 4)),
-                    kind="test",
-                )
-            )
+                t.actions.append(_tool_call(rng, p))
+            t.actions.append(_test_suite(rng, p))
+            out.append(t)
+    return out
+
+
+def _tool_call(rng: np.random.Generator, p: CodingParams) -> ActionSpec:
+    """One tool command of the coding model (one core, tiny or lognormal)."""
+    tiny = rng.random() < p.tool_tiny_share
+    dur = p.tool_tiny_s if tiny else float(rng.lognormal(np.log(p.tool_median_s), p.tool_sigma))
+    return ActionSpec(
+        gap=_lognormal(rng, p.gap_median_s, p.gap_sigma),
+        demands={"cpu": Demand.fixed(1)},
+        duration=round(dur, 6),
+        kind="tool",
+    )
+
+
+def _test_suite(rng: np.random.Generator, p: CodingParams) -> ActionSpec:
+    """One run of a test suite: elastic on 1..test_max_cores, Amdahl efficiency."""
+    return ActionSpec(
+        gap=_lognormal(rng, p.gap_median_s, p.gap_sigma),
+        demands={"cpu": Demand.range(1, p.test_max_cores)},
+        duration=_lognormal(rng, p.test_median_s, p.test_sigma),
+        key="cpu",
+        efficiency=Amdahl(round(float(rng.uniform(p.amdahl_lo, p.amdahl_hi)), 4)),
+        kind="test",
+    )
+
+
+# Two variants of coding with the same tool-call model, made so that the best *fixed*
+# degree of parallelism for the tests differs between them (a policy that picks the
+# degree per action should match the best fixed K of each without being told which).
+# Every parameter not redefined (batch, turns, generation gaps, tool calls, memory, 1-32
+# cores per suite) is coding's, above. Seed 0, batch 1280, fixed:2..32: coding-short
+# on its 1280 cores is best at K = 4 on ACT and step time; coding-long on coding's 3840
+# cores at K = 32 on both (on 1280 cores: K = 16 on ACT, 32 on step time).
+
+
+@dataclass(frozen=True)
+class CodingShortParams(CodingParams):
+    """Many short test suites that parallelise poorly: the best fixed K is small."""
+
+    # A test-driven loop (assumed): the agent reruns the suite after every
+    # ``test_every`` tool calls, and once more at the end (the reward).
+    test_every: int = 3
+    test_median_s: float = 10.0  # short suites, at one core (assumed)
+    test_sigma: float = 0.8  # (assumed)
+    # Low Amdahl parallel fractions (assumed: unit tests dominated by start-up, imports
+    # and serial fixtures): 32 cores give at most 2-5x.
+    amdahl_lo: float = 0.5
+    amdahl_hi: float = 0.8
+
+
+def coding_short(
+    p: CodingShortParams, steps: int, rng: np.random.Generator
+) -> list[TrajectorySpec]:
+    out: list[TrajectorySpec] = []
+    for step in range(steps):
+        for i in range(p.batch):
+            t = TrajectorySpec(f"s{step}-cs{i}", "coding", step, p.memory_gb)
+            turns = int(rng.integers(p.turns_min, p.turns_max + 1))
+            for n in range(1, turns + 1):
+                t.actions.append(_tool_call(rng, p))
+                if n % p.test_every == 0 and n < turns:
+                    t.actions.append(_test_suite(rng, p))
+            t.actions.append(_test_suite(rng, p))
+            out.append(t)
+    return out
+
+
+@dataclass(frozen=True)
+class CodingLongParams(CodingParams):
+    """Rare, very long test suites that parallelise almost perfectly: the best fixed K
+    is large."""
+
+    # Only this share of trajectories ends with the suite (assumed: the others' reward
+    # is checked by their last tool call, e.g. a build, in the tool-call model).
+    suite_share: float = 0.2
+    test_median_s: float = 200.0  # long integration suites, at one core (assumed)
+    # A long tail (assumed): about one suite in a thousand takes over an hour at one core.
+    test_sigma: float = 1.0
+    # Parallel fractions near 1 (assumed: independent test files, sharded by the runner).
+    amdahl_lo: float = 0.97
+    amdahl_hi: float = 0.999
+
+
+def coding_long(p: CodingLongParams, steps: int, rng: np.random.Generator) -> list[TrajectorySpec]:
+    out: list[TrajectorySpec] = []
+    for step in range(steps):
+        for i in range(p.batch):
+            t = TrajectorySpec(f"s{step}-cl{i}", "coding", step, p.memory_gb)
+            for _ in range(int(rng.integers(p.turns_min, p.turns_max + 1))):
+                t.actions.append(_tool_call(rng, p))
+            if rng.random() < p.suite_share:
+                t.actions.append(_test_suite(rng, p))
             out.append(t)
     return out
 
@@ -270,6 +353,18 @@ WORKLOADS: dict[str, Workload] = {
         lambda b, s, r: coding(CodingParams(batch=b), s, r),
         CODING_POOLS,
         CodingParams.batch,
+    ),
+    "coding-short": Workload(
+        "coding-short",
+        lambda b, s, r: coding_short(CodingShortParams(batch=b), s, r),
+        CODING_1280_POOLS,
+        CodingShortParams.batch,
+    ),
+    "coding-long": Workload(
+        "coding-long",
+        lambda b, s, r: coding_long(CodingLongParams(batch=b), s, r),
+        CODING_POOLS,
+        CodingLongParams.batch,
     ),
     "deepsearch": Workload(
         "deepsearch",

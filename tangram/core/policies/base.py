@@ -8,9 +8,9 @@ extension points of the Kubernetes scheduler framework):
 
 | hook | when | what the policy decides |
 |---|---|---|
-| ``bind(pools)`` | the core is built | a policy of its own for this core (state, if any) |
+| ``bind(pools, queued)`` | the core is built | a policy of its own for this core (state, if any) |
 | ``prepare(entry)`` | an action is queued | what it wants cached for its rounds |
-| ``key_amount(amounts)`` | admission | the amount on the key pool an action is admitted at |
+| ``key_amount(entry)`` | admission | the amount on the key pool an action is admitted at |
 | ``lookahead`` | admission | how many waiters past saturation ``arrange`` wants to see |
 | ``arrange(...)`` | after admission | final amounts of admitted actions; which to defer |
 | ``on_grant(lease)``, ``on_end(lease)`` | a lease begins, ends | its own index of running leases |
@@ -37,16 +37,17 @@ class Policy:
     # Waiters past saturation the round collects for ``arrange`` (0: it needs none).
     lookahead = 0
 
-    def bind(self, pools: Mapping[str, Manager]) -> Policy:
-        """This policy for one core over ``pools``; a stateless policy is its own."""
+    def bind(self, pools: Mapping[str, Manager], queued: Mapping[str, int]) -> Policy:
+        """This policy for one core over ``pools``; a stateless policy is its own.
+        ``queued`` is the core's live count of queued actions per pool (read only)."""
         return self
 
     def prepare(self, entry: Entry) -> None:
         """An action was queued."""
 
-    def key_amount(self, amounts: tuple[int, ...]) -> int:
+    def key_amount(self, entry: Entry) -> int:
         """The amount on the key pool that admission checks (``arrange`` may change it)."""
-        return amounts[0]
+        return entry.feasible[entry.action.key][0]  # type: ignore[index]
 
     def arrange(
         self,

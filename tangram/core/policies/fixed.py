@@ -4,6 +4,7 @@ none is below)."""
 
 from __future__ import annotations
 
+from tangram.core.entries import Entry
 from tangram.core.policies.base import Policy
 
 
@@ -14,6 +15,7 @@ class Fixed(Policy):
         self.k = k
         self.name = f"fixed:{k}"
 
-    def key_amount(self, amounts: tuple[int, ...]) -> int:
+    def key_amount(self, entry: Entry) -> int:
+        amounts = entry.feasible[entry.action.key]  # type: ignore[index]
         below = [a for a in amounts if a <= self.k]
         return below[-1] if below else amounts[0]

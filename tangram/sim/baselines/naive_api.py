@@ -102,7 +102,11 @@ class NaiveApiExecutor:
             return
         wait = lost + self.p.backoff_s * 2**run.retries
         run.retries += 1
-        self.runner.at(self.runner.now + wait, self._call, run)
+        self.runner.at(self.runner.now + wait, self._retry, run)
+
+    def _retry(self, run: ActionRun) -> None:
+        """Call again after a refusal (a client that paces its calls waits its turn)."""
+        self._call(run)
 
     def _give_up(self, run: ActionRun) -> None:
         assert self.runner is not None

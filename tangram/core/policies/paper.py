@@ -1,11 +1,14 @@
-"""``tangram``: the paper's elastic scheduler (ARL-Tangram, Algorithm 1).
+"""``paper``: the paper's elastic scheduler (ARL-Tangram, Algorithm 1), as written.
 
 Admission is FCFS at the minimum (the core's round). Then, per partition that an
 admitted elastic action uses (a CPU node, a GPU, a quota pool), a DP over the admitted
 actions in FCFS order chooses how many units each gets so that the sum of their
-completion times plus an estimate of the waiting queue's is smallest, and a greedy loop
-defers tail candidates while that improves the objective. The estimate needs the
-expected end of every running lease, so this policy keeps its own index of them.
+completion times plus an estimate of the waiting queue's is smallest, and the eviction
+loop (t = 1..|C_j|) defers candidates from the tail, keeping the prefix whose objective
+is least; the head too may be deferred. The estimate places every waiter of the
+partition (tool calls and not-yet-pinned trajectories included) at its minimum on the
+projected free times of its units, so this policy keeps an index of the running leases.
+It is kept for comparison: ``tangram`` (tangram.core.policies.tangram) is the default.
 """
 
 from __future__ import annotations
@@ -23,23 +26,25 @@ if TYPE_CHECKING:
     from tangram.spec import Action, Lease
 
 
-class Elastic(Policy):
+class Paper(Policy):
     """``depth``: amounts per waiting action the queue estimate weighs; ``lookahead``:
     waiting actions it weighs."""
 
-    name = "tangram"
+    name = "paper"
 
     def __init__(self, depth: int = 2, lookahead: int = 256) -> None:
         if depth < 1 or lookahead < 1:
-            raise ValueError("tangram: depth and lookahead must be at least 1")
+            raise ValueError("paper: depth and lookahead must be at least 1")
         self.depth = depth
         self.lookahead = lookahead
         self.pools: Mapping[str, Manager] = {}
+        # The pools it arranges (None: every pool); ``tangram`` hands it its GPU pools.
+        self.scope: frozenset[str] | None = None
         # pool -> lease id -> (node, amount, granted at, expected run time or None)
         self._running: dict[str, dict[str, tuple[str | None, int, float, float | None]]] = {}
 
-    def bind(self, pools: Mapping[str, Manager]) -> Elastic:
-        bound = Elastic(self.depth, self.lookahead)
+    def bind(self, pools: Mapping[str, Manager], queued: Mapping[str, int]) -> Paper:
+        bound = type(self)(self.depth, self.lookahead)
         bound.pools = pools
         bound._running = {p: {} for p in pools}
         return bound
@@ -73,7 +78,10 @@ class Elastic(Policy):
         for adm in admitted:
             for p, part in adm.parts.items():
                 groups.setdefault((p, part), []).append(adm)
+        scope = self.scope
         for (pool, part), members in groups.items():
+            if scope is not None and pool not in scope:
+                continue
             if any(_elastic_on(m.entry.action, pool) for m in members):
                 self._arrange_group(pool, part, members, waiting, scratches[pool], now, deferred)
 
@@ -161,7 +169,9 @@ class Elastic(Policy):
             if len(outside) >= look:
                 break
             a = e.action
-            if a.key == pool and scratch.partition_of(a) == part:
+            # Every waiter of the partition's units: those pinned to it, and those that
+            # could still be placed on it (not yet pinned, or a pool without partitions).
+            if pool in a.demands and scratch.partition_of(a) in (part, None):
                 outside.append(self._waiting(mgr, e, pool, fallback, extras))
         tail = [
             m.entry.wait
@@ -192,15 +202,15 @@ class Elastic(Policy):
 
         j = n
         best, amounts = objective(j)
-        # Greedy eviction: defer the last candidate while that improves the objective.
-        # The head always stays (it fits, and deferring everything helps no one); an
-        # unprofiled tail cannot be weighed, so eviction stops there.
-        while j > 1 and _elastic_on(members[j - 1].entry.action, pool):
-            obj, amts = objective(j - 1)
+        # Eviction (Algorithm 1, t = 1..|C_j|): every shorter prefix is weighed, and the
+        # least objective kept, so any candidate may be deferred, the head too. Only
+        # when nothing runs on the partition does the head stay: deferred, it would wait
+        # for units that nothing is going to free.
+        floor = 1 if not busy else 0
+        for t in range(n - 1, floor - 1, -1):
+            obj, amts = objective(t)
             if obj < best:
-                best, amounts, j = obj, amts, j - 1
-            else:
-                break
+                best, amounts, j = obj, amts, t
         if not math.isfinite(best):
             return  # cannot happen after admission; keep the admission amounts
         for i, m in enumerate(members):
@@ -226,7 +236,6 @@ class Elastic(Policy):
             d = a.duration_at(alloc.amount) if a.key == pool else a.duration
             run = None if d is None else d + self.pools[pool].held_cost(a, alloc)
             self._running[pool][lease.id] = (alloc.node, alloc.amount, lease.granted_at, run)
-
 
 
 def _elastic_on(action: Action, pool: str) -> bool:

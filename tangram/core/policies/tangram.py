@@ -1,0 +1,272 @@
+"""``tangram``, the default: elastic parallelism priced by the pool's load.
+
+The paper's scheduler (``paper``) hands an action every unit that shortens it while units
+are free, and admits it at its minimum once they are not: on a busy pool the first
+actions of a burst take all the units and the later ones crawl on one, so a fixed degree
+of parallelism beats it (docs/benchmarks.md). This policy gives units a price instead:
+
+- **Price.** A unit-second held by one action is a unit-second others may wait for. Its
+  price rises with the pool's load ``rho`` (actions running or queued there, counted
+  once each, over its capacity) as ``lam = price * rho / (1 - rho)**2``: nearly nothing
+  on an idle pool, steep near saturation (the shape of a queue's marginal delay).
+- **Target.** An elastic action's target amount ``m`` minimises
+  ``(w + lam * m) * d(m)``: its own time, weighted, plus the unit-seconds it holds,
+  priced (``d(m)`` includes a GPU restore the amount would need). The weight
+  ``w = max(1, d(min) / typical) ** boost`` makes actions much longer than the pool's
+  typical one (a running geometric mean) count more: they set the RL step's end.
+- **Admission.** An elastic action is admitted once ``share`` of its target fits, not at
+  its minimum (what made ``paper`` lose): on a busy pool it waits a little for a useful
+  amount, like ``fixed:K`` with K chosen by the load. A long action (``w > long``) waits
+  for more: ``share * (w / long) ** wait`` of its target.
+- **Arrangement.** The admitted actions of a partition share its free units by least
+  total priced cost through the paper's DP (tangram.core.arrange), so topology (GPU
+  chunks) is respected and no unit goes where it is worth less than its price.
+- **Profiles.** An action that declares no duration is given the mean its task took on
+  that pool (learned from ended leases, in the broker and the simulator alike).
+
+No waiting-queue estimate and no eviction loop: the price stands for the queue, so a
+round costs one DP per busy partition. Every constant is a setting
+(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5``); docs/scheduling.md says
+how they were chosen and what was tried.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tangram.core.arrange import Candidate, solve
+from tangram.core.entries import Admitted, Entry
+from tangram.core.policies.base import Policy
+from tangram.core.policies.paper import Paper
+
+if TYPE_CHECKING:
+    from tangram.core.managers.base import Manager, Scratch
+    from tangram.spec import Action, Lease
+
+# The load at which the price stops rising: past it a pool is saturated and every
+# elastic action gets about its minimum.
+RHO_MAX = 0.95
+# Weight of one new duration in a pool's typical one (a running geometric mean).
+TYPICAL_WEIGHT = 0.02
+
+
+class Tangram(Policy):
+    """``share``: part of its target an elastic action waits for; ``price``: the price of
+    a unit-second at load one half is ``2 * price``; ``boost``: how much more long actions
+    weigh; ``long``: the weight beyond which an action waits for more of its target, and
+    ``wait`` how much more."""
+
+    name = "tangram"
+
+    def __init__(
+        self,
+        share: float = 0.25,
+        price: float = 0.2,
+        boost: float = 1.0,
+        long: float = 20.0,
+        wait: float = 0.5,
+    ) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError("tangram: share must be in (0, 1]")
+        if min(price, boost, wait) < 0.0 or long < 1.0:
+            raise ValueError("tangram: price, boost and wait must be >= 0, long >= 1")
+        self.share = share
+        self.price = price
+        self.boost = boost
+        self.long = long
+        self.wait = wait
+        self.pools: Mapping[str, Manager] = {}
+        self.queued: Mapping[str, int] = {}
+        self.capacity: dict[str, int] = {}
+        self.running: dict[str, int] = {}  # leases holding units of each pool
+        # pool -> log of the typical duration at the minimum of its elastic actions
+        self.typical: dict[str, float] = {}
+        # (task, pool, min, max) -> (runs, mean duration at the minimum) of actions that
+        # declared none
+        self.profiles: dict[tuple[str, str, int, int], tuple[int, float]] = {}
+        # The paper's scheduler, for the pools whose actions restore services (GPUs).
+        self.paper: Paper | None = None
+
+    def settings(self) -> dict[str, float]:
+        return {
+            "share": self.share,
+            "price": self.price,
+            "boost": self.boost,
+            "long": self.long,
+            "wait": self.wait,
+        }
+
+    def bind(self, pools: Mapping[str, Manager], queued: Mapping[str, int]) -> Tangram:
+        bound = type(self)(**self.settings())
+        bound.pools = pools
+        bound.queued = queued
+        # A pool without a bounded capacity (a quota with no concurrency cap) is never
+        # loaded: its price stays zero.
+        bound.capacity = {p: sum(c for c, _ in m.usage().values()) for p, m in pools.items()}
+        bound.running = {p: 0 for p in pools}
+        # On a pool of GPU services the cost of an amount is mostly whether a variant of
+        # the service is resident, which a price per unit-second does not capture (it
+        # lost to the paper's DP on MOPD at low load, docs/scheduling.md): the paper's
+        # scheduler arranges those pools, at the minimum and with its queue estimate.
+        services = frozenset(p for p, m in pools.items() if m.has_extra_cost)
+        if services:
+            bound.paper = Paper().bind(pools, queued)
+            bound.paper.scope = services
+            bound.lookahead = bound.paper.lookahead
+        return bound
+
+    # ------------------------------------------------------------------ the price
+    def unit_price(self, pool: str) -> float:
+        """The price of a unit-second of ``pool`` now."""
+        cap = self.capacity.get(pool, 0)
+        if cap <= 0 or self.price == 0.0:
+            return 0.0
+        rho = min(RHO_MAX, (self.running[pool] + self.queued.get(pool, 0)) / cap)
+        return self.price * rho / (1.0 - rho) ** 2
+
+    def weight(self, pool: str, d_min: float) -> float:
+        """How much an action of ``d_min`` seconds at its minimum counts on ``pool``."""
+        typ = self.typical.get(pool)
+        if typ is None or self.boost == 0.0 or d_min <= 0.0:
+            return 1.0
+        return float(max(1.0, d_min / math.exp(typ)) ** self.boost)
+
+    def costs(self, entry: Entry, pool: str, lam: float, lo: int = 0) -> np.ndarray:
+        """The priced cost of each feasible amount of ``entry`` on its key pool, from
+        index ``lo``: (weight + lam * m) * d(m)."""
+        amounts = entry.feasible[pool][lo:]
+        d = entry.durations[lo:]
+        w = self.weight(pool, float(entry.durations[0]))
+        return (w + lam * np.asarray(amounts, dtype=np.float64)) * d  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ hooks
+    def _delegated(self, pool: str | None) -> bool:
+        return self.paper is not None and self.paper.scope is not None and pool in self.paper.scope
+
+    def prepare(self, entry: Entry) -> None:
+        a = entry.action
+        pool = a.key
+        if self._delegated(pool):
+            assert self.paper is not None
+            self.paper.prepare(entry)
+            return
+        if pool is None or a.efficiency is None or not a.demands[pool].elastic:
+            return
+        d_min = a.duration
+        known = True
+        if d_min is None:  # no declared duration: what its task was seen to take
+            prof = self.profiles.get(_profile_key(a, pool))
+            if prof is not None:
+                d_min = prof[1]
+            else:
+                # Nothing seen yet: the pool's typical duration, which gives it weight 1.
+                # Its target does not depend on the duration then (both terms of the
+                # priced cost scale with it), only on its efficiency curve and the price.
+                typ = self.typical.get(pool)
+                d_min = math.exp(typ) if typ is not None else 1.0
+                known = False
+        lo = a.demands[pool].min
+        m = np.asarray(entry.feasible[pool], dtype=np.float64)
+        entry.durations = d_min * a.efficiency.speedup(lo) / a.efficiency.speedups(m)
+        if known and d_min > 0.0:
+            old = self.typical.get(pool)
+            x = math.log(d_min)
+            self.typical[pool] = x if old is None else old + TYPICAL_WEIGHT * (x - old)
+
+    def key_amount(self, entry: Entry) -> int:
+        pool = entry.action.key
+        assert pool is not None
+        feasible = entry.feasible[pool]
+        if entry.durations is None or self._delegated(pool):
+            return feasible[0]
+        target = feasible[int(np.argmin(self.costs(entry, pool, self.unit_price(pool))))]
+        share = self.share
+        w = self.weight(pool, float(entry.durations[0]))
+        if w > self.long:
+            share = min(1.0, share * (w / self.long) ** self.wait)
+        want = share * target
+        return next((x for x in feasible if x >= want), feasible[-1])
+
+    def arrange(
+        self,
+        admitted: list[Admitted],
+        waiting: list[Entry],
+        scratches: Mapping[str, Scratch],
+        now: float,
+        deferred: set[str],
+    ) -> None:
+        groups: dict[tuple[str, Hashable], list[Admitted]] = {}
+        for adm in admitted:
+            for p, part in adm.parts.items():
+                groups.setdefault((p, part), []).append(adm)
+        if self.paper is not None:
+            self.paper.arrange(admitted, waiting, scratches, now, deferred)
+        prices: dict[str, float] = {}
+        for (pool, part), members in groups.items():
+            if self._delegated(pool) or not any(_elastic_on(m.entry, pool) for m in members):
+                continue
+            lam = prices.get(pool)
+            if lam is None:
+                lam = prices[pool] = self.unit_price(pool)
+            self._share_out(pool, part, members, scratches[pool], lam)
+
+    def _share_out(
+        self, pool: str, part: Hashable, members: list[Admitted], scratch: Scratch, lam: float
+    ) -> None:
+        """Split the partition's free units among ``members`` by least total priced cost,
+        each elastic one at no less than it was admitted at."""
+        cands = []
+        for m in members:
+            entry, got = m.entry, m.amounts[pool]
+            if not _elastic_on(entry, pool):
+                cands.append(Candidate((got,), (0.0,)))
+                continue
+            lo = entry.feasible[pool].index(got)
+            cands.append(Candidate(entry.feasible[pool][lo:], self.costs(entry, pool, lam, lo)))
+        op = scratch.operator(part, {m.entry.action.id for m in members})
+        cost, amounts = solve(cands, op).best(len(cands))
+        if not math.isfinite(cost):
+            return  # cannot happen after admission; keep the admission amounts
+        for m, x in zip(members, amounts, strict=True):
+            m.amounts[pool] = x
+
+    def on_grant(self, lease: Lease) -> None:
+        for pool in lease.allocation:
+            self.running[pool] += 1
+        if self.paper is not None:
+            self.paper.on_grant(lease)
+
+    def on_end(self, lease: Lease) -> None:
+        for pool in lease.allocation:
+            self.running[pool] -= 1
+        if self.paper is not None:
+            self.paper.on_end(lease)
+        a = lease.action
+        if a.duration is not None or lease.ended_at is None or lease.outcome != "ok":
+            return
+        # An action that declared no duration: what it took is its task's profile on each
+        # pool, back to the duration at the minimum by its own efficiency curve.
+        for pool, alloc in lease.allocation.items():
+            run = lease.ended_at - lease.granted_at - self.pools[pool].held_cost(a, alloc)
+            if run <= 0.0:
+                continue
+            if a.key == pool and a.efficiency is not None:
+                lo = a.demands[pool].min
+                run = run * a.efficiency.speedup(alloc.amount) / a.efficiency.speedup(lo)
+            key = _profile_key(a, pool)
+            n, mean = self.profiles.get(key, (0, 0.0))
+            self.profiles[key] = (n + 1, mean + (run - mean) / (n + 1))
+
+
+def _elastic_on(entry: Entry, pool: str) -> bool:
+    """Whether the policy may trade units of ``pool`` for the action's time."""
+    return entry.durations is not None and entry.action.key == pool
+
+
+def _profile_key(a: Action, pool: str) -> tuple[str, str, int, int]:
+    d = a.demands[pool]
+    return (a.task, pool, d.min, d.max)

@@ -1,0 +1,182 @@
+"""The default policy, ``tangram``: each mechanism on a hand-computed case.
+
+The expected amounts are worked out here from the documented rule (the target amount m
+minimises ``(w + lam * m) * d(m)`` with ``lam = price * rho / (1 - rho)**2``), not read
+back from the policy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from tangram.core.policy import Tangram
+from tangram.spec import Action
+
+P = 0.9  # Amdahl parallel fraction of every elastic action below
+
+
+def cpu(cores: int = 8) -> dict[str, Any]:
+    return {"cpu": {"kind": "cpu", "nodes": [{"name": "n", "cores": cores, "memory_gb": 64}]}}
+
+
+def elastic(traj: str, duration: float | None = 10.0, hi: int = 8, **kw: Any) -> Action:
+    return Action.build(
+        traj, {"cpu": {"min": 1, "max": hi}}, duration=duration, efficiency={"amdahl": P}, **kw
+    )
+
+
+def d(m: int, d1: float = 10.0) -> float:
+    return d1 * ((1 - P) + P / m)
+
+
+def target(lam: float, w: float = 1.0, hi: int = 8, d1: float = 10.0) -> int:
+    costs = {m: (w + lam * m) * d(m, d1) for m in range(1, hi + 1)}
+    return min(costs, key=lambda m: costs[m])
+
+
+def lam(load: float, cap: int, price: float = 0.2) -> float:
+    rho = min(0.95, load / cap)
+    return price * rho / (1 - rho) ** 2
+
+
+def test_unit_price_follows_the_load(make_core):
+    core = make_core(cpu(), lease_ttl=1e9)
+    pol = core.policy
+    assert isinstance(pol, Tangram)
+    assert pol.unit_price("cpu") == 0.0  # nothing queued or running
+    for i in range(3):
+        core.submit(Action.build(f"f{i}", {"cpu": 1}, duration=5.0), 0.0)
+    assert pol.unit_price("cpu") == pytest.approx(lam(3, 8))
+    core.schedule(0.0)  # three running, none queued: the same load
+    assert pol.unit_price("cpu") == pytest.approx(lam(3, 8))
+    for i in range(30):
+        core.submit(Action.build(f"q{i}", {"cpu": 1}, duration=5.0), 0.0)
+    assert pol.unit_price("cpu") == pytest.approx(lam(33, 8))  # capped at rho = 0.95
+
+
+def test_a_lone_action_on_an_idle_node_takes_what_pays(make_core):
+    core = make_core(cpu(), lease_ttl=1e9)
+    core.submit(elastic("t"), 0.0)
+    (g,) = core.schedule(0.0)
+    want = target(lam(1, 8))
+    assert want == 8  # the price of an idle node is nearly nothing
+    assert g.lease.dop == want
+
+
+def test_a_loaded_pool_prices_units_out_of_reach(make_core):
+    core = make_core(cpu(), lease_ttl=1e9)
+    actions = [elastic(f"t{i}") for i in range(24)]
+    for a in actions:
+        core.submit(a, 0.0)
+    grants = core.schedule(0.0)
+    assert target(lam(24, 8)) == 1
+    # 24 waiting on 8 cores: every core goes to a different action, in FCFS order.
+    assert [g.action.id for g in grants] == [a.id for a in actions[:8]]
+    assert [g.lease.dop for g in grants] == [1] * 8
+
+
+def test_admission_waits_for_a_share_of_the_target(make_core):
+    core = make_core(cpu(), lease_ttl=1e9)
+    core.submit(Action.build("hog", {"cpu": 7}, duration=5.0), 0.0)
+    (hog,) = core.schedule(0.0)
+    core.submit(elastic("t"), 0.0)
+    want = target(lam(2, 8))
+    assert want == 8
+    # A quarter of 8 is 2 cores; one is free: it waits (the paper would start it on 1).
+    assert core.schedule(0.0) == []
+    core.release(hog.lease.id, 1.0)
+    (g,) = core.schedule(1.0)
+    assert g.lease.dop == target(lam(1, 8)) == 8
+
+
+def test_share_one_waits_for_the_whole_target(make_core):
+    core = make_core(cpu(), policy="tangram:share=1", lease_ttl=1e9)
+    core.submit(Action.build("hog", {"cpu": 2}, duration=5.0), 0.0)
+    (hog,) = core.schedule(0.0)
+    core.submit(elastic("t"), 0.0)
+    assert target(lam(2, 8)) == 8
+    assert core.schedule(0.0) == []  # 6 free of the 8 it is worth waiting for
+    core.release(hog.lease.id, 1.0)
+    assert core.schedule(1.0)[0].lease.dop == 8
+
+
+def test_free_units_are_shared_by_priced_cost(make_core):
+    # Two actions on an idle node of 8: each is worth 8 alone, so they split the node;
+    # the DP's split is the least total priced cost, computed here by brute force (each
+    # admitted at a quarter of 8; b, 40 s against a typical 10 * 4**0.02 s, weighs more).
+    core = make_core(cpu(), lease_ttl=1e9)
+    core.submit(elastic("a"), 0.0)
+    core.submit(elastic("b", duration=40.0), 0.0)
+    grants = core.schedule(0.0)
+    x = lam(2, 8)
+    wb = 40.0 / (10.0 * 4.0**0.02)
+    best = min(
+        ((m, n) for m in range(2, 7) for n in range(2, 9 - m)),
+        key=lambda mn: (1 + x * mn[0]) * d(mn[0]) + (wb + x * mn[1]) * d(mn[1], 40.0),
+    )
+    assert best == (2, 6)
+    assert tuple(g.lease.dop for g in grants) == best
+
+
+def test_long_actions_weigh_more(make_core):
+    # The pool's typical action is learned from what it queued (a geometric mean, each
+    # new one weighing 0.02); one ten times as long weighs about ten times as much, so
+    # it gets a larger target at the same price.
+    core = make_core(cpu(64), lease_ttl=1e9)
+    for i in range(40):
+        core.submit(Action.build(f"f{i}", {"cpu": 1}, duration=5.0), 0.0)
+    core.submit(elastic("s", hi=32), 0.0)
+    core.submit(elastic("l", duration=100.0, hi=32), 0.0)
+    grants = {g.action.trajectory: g.lease.dop for g in core.schedule(0.0)}
+    x = lam(42, 64)
+    typical = math.log(10.0) + 0.02 * (math.log(100.0) - math.log(10.0))
+    w = 100.0 / math.exp(typical)
+    assert (grants["s"], grants["l"]) == (target(x, hi=32), target(x, w, 32, 100.0))
+    assert grants["s"] < grants["l"]
+
+
+def test_boost_zero_treats_long_and_short_alike(make_core):
+    core = make_core(cpu(64), policy="tangram:boost=0", lease_ttl=1e9)
+    for i in range(40):
+        core.submit(Action.build(f"f{i}", {"cpu": 1}, duration=5.0), 0.0)
+    core.submit(elastic("s", hi=32), 0.0)
+    core.submit(elastic("l", duration=100.0, hi=32), 0.0)
+    grants = {g.action.trajectory: g.lease.dop for g in core.schedule(0.0)}
+    # Amdahl: the target does not depend on the duration itself, only on the weight.
+    assert grants["s"] == grants["l"]
+
+
+def test_an_action_without_a_duration_is_priced_by_its_task_profile(make_core):
+    core = make_core(cpu(), lease_ttl=1e9)
+    core.submit(elastic("first", duration=None), 0.0)
+    (g,) = core.schedule(0.0)
+    # Nothing known: weight 1, and the target does not depend on the duration.
+    assert g.lease.dop == target(lam(1, 8)) == 8
+    core.release(g.lease.id, d(8))  # ran d(8) on 8 cores: 10 s at the minimum
+    pol = core.policy
+    assert isinstance(pol, Tangram)
+    assert pol.profiles[("default", "cpu", 1, 8)] == (1, pytest.approx(10.0))
+    core.submit(elastic("second", duration=None), 20.0)
+    (g2,) = core.schedule(20.0)
+    assert g2.lease.dop == target(lam(1, 8)) == 8
+    core.release(g2.lease.id, 20.0 + d(8, 20.0))  # twice as slow as the first
+    assert pol.profiles[("default", "cpu", 1, 8)] == (2, pytest.approx(15.0))
+
+
+def test_other_tasks_do_not_share_a_profile(make_core):
+    core = make_core(cpu(), lease_ttl=1e9)
+    core.submit(elastic("a", duration=None, task="coding"), 0.0)
+    (g,) = core.schedule(0.0)
+    core.release(g.lease.id, 10.0)
+    pol = core.policy
+    assert isinstance(pol, Tangram)
+    assert ("coding", "cpu", 1, 8) in pol.profiles
+    assert ("math", "cpu", 1, 8) not in pol.profiles
+    core.submit(elastic("b", duration=None, task="math"), 10.0)
+    (g2,) = core.schedule(10.0)
+    assert ("math", "cpu", 1, 8) not in pol.profiles  # learned only when it ends
+    core.release(g2.lease.id, 12.0)
+    assert pol.profiles[("math", "cpu", 1, 8)][0] == 1
