@@ -106,13 +106,13 @@ def test_share_one_waits_for_the_whole_target(make_core):
 def test_free_units_are_shared_by_priced_cost(make_core):
     # Two actions on an idle node of 8: each is worth 8 alone, so they split the node;
     # the DP's split is the least total priced cost, computed here by brute force (each
-    # admitted at a quarter of 8; b, 40 s against a typical 10 * 4**0.02 s, weighs more).
+    # admitted at a quarter of 8; b, 40 s against a typical 10 s, weighs 4).
     core = make_core(cpu(), lease_ttl=1e9)
     core.submit(elastic("a"), 0.0)
     core.submit(elastic("b", duration=40.0), 0.0)
     grants = core.schedule(0.0)
     x = lam(2, 8)
-    wb = 40.0 / (10.0 * 4.0**0.02)
+    wb = 4.0
     best = min(
         ((m, n) for m in range(2, 7) for n in range(2, 9 - m)),
         key=lambda mn: (1 + x * mn[0]) * d(mn[0]) + (wb + x * mn[1]) * d(mn[1], 40.0),
@@ -122,9 +122,9 @@ def test_free_units_are_shared_by_priced_cost(make_core):
 
 
 def test_long_actions_weigh_more(make_core):
-    # The pool's typical action is learned from what it queued (a geometric mean, each
-    # new one weighing 0.02); one ten times as long weighs about ten times as much, so
-    # it gets a larger target at the same price.
+    # The pool's typical action is learned from what it queued (a geometric mean); an
+    # action is weighed when queued against the typical one before it: ten times as
+    # long weighs ten, so it gets a larger target at the same price.
     core = make_core(cpu(64), lease_ttl=1e9)
     for i in range(40):
         core.submit(Action.build(f"f{i}", {"cpu": 1}, duration=5.0), 0.0)
@@ -132,8 +132,10 @@ def test_long_actions_weigh_more(make_core):
     core.submit(elastic("l", duration=100.0, hi=32), 0.0)
     grants = {g.action.trajectory: g.lease.dop for g in core.schedule(0.0)}
     x = lam(42, 64)
-    typical = math.log(10.0) + 0.02 * (math.log(100.0) - math.log(10.0))
-    w = 100.0 / math.exp(typical)
+    pol = core.policy
+    assert isinstance(pol, Tangram)
+    assert pol.typical["cpu"] == pytest.approx(math.log(10.0) + 0.02 * math.log(10.0))
+    w = 10.0
     assert (grants["s"], grants["l"]) == (target(x, hi=32), target(x, w, 32, 100.0))
     assert grants["s"] < grants["l"]
 
@@ -180,3 +182,54 @@ def test_other_tasks_do_not_share_a_profile(make_core):
     assert ("math", "cpu", 1, 8) not in pol.profiles  # learned only when it ends
     core.release(g2.lease.id, 12.0)
     assert pol.profiles[("math", "cpu", 1, 8)][0] == 1
+
+
+def test_a_long_action_waits_for_more_of_its_target(make_core):
+    # The pool's typical action is 10 s; one of 400 s weighs 40 > long (20), so it waits
+    # for share * (40 / 20) ** 0.5 of its target instead of share of it.
+    core = make_core(cpu(64), lease_ttl=1e9)
+    core.submit(Action.build("hog", {"cpu": 56}, duration=50.0), 0.0)
+    (hog,) = core.schedule(0.0)
+    s = core.submit(elastic("s", hi=32), 0.0)  # sets the typical duration
+    core.cancel(s.id, 0.0)
+    core.submit(elastic("l", duration=400.0, hi=32), 0.0)
+    pol = core.policy
+    assert isinstance(pol, Tangram)
+    x = pol.unit_price("cpu")
+    assert target(x, 40.0, 32, 400.0) == 32
+    want = 0.25 * (40.0 / 20.0) ** 0.5 * 32
+    assert 8 < want < 12  # 8 cores are free: a quarter of 32 would have started it
+    assert core.schedule(0.0) == []
+    core.release(hog.lease.id, 1.0)
+    (g,) = core.schedule(1.0)
+    assert g.lease.dop >= want
+
+
+def test_gpu_pools_are_arranged_by_the_paper_scheduler(make_core):
+    # A restore makes an amount's cost depend on what is resident, which a unit price
+    # does not capture: on pools of GPU services tangram schedules as paper does.
+    service = {"memory_gb": 10, "restore_seconds": 2.0, "parallelism": [1, 2, 4, 8]}
+    pools = {
+        "gpu": {
+            "kind": "gpu",
+            "nodes": [{"name": "g", "gpus": 8, "memory_gb": 80}],
+            "services": {"m": service},
+        }
+    }
+    out = {}
+    for name in ("tangram", "paper"):
+        core = make_core(pools, policy=name, lease_ttl=1e9)
+        for i in range(3):
+            core.submit(
+                Action.build(
+                    f"t{i}",
+                    {"gpu": {"choices": [1, 2, 4, 8]}},
+                    service="m",
+                    duration=6.0,
+                    efficiency={"table": {"1": 1.0, "2": 0.9, "4": 0.75, "8": 0.55}},
+                ),
+                0.0,
+            )
+        out[name] = [(g.action.trajectory, g.lease.dop) for g in core.schedule(0.0)]
+    assert out["tangram"] == out["paper"]
+    assert out["paper"]  # something was granted

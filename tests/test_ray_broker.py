@@ -483,7 +483,7 @@ def test_live_benchmark_runs_both_modes(cluster: Any):
     out = live(trajectories=2, steps=1, gap=0.05, xdist=False)
     for mode in ("tangram", "reservation"):
         assert out[mode]["actions"] == 6 and out[mode]["failures"] == 0
-        assert set(out[mode]["act_by_kind_seconds"]) == {"write", "snippet", "suite"}
+        assert set(out[mode]["act_by_label_seconds"]) == {"write", "snippet", "suite"}
     assert out["act_speedup"] > 0 and "reservation / tangram" in format_report(out)
     # Its broker is gone again; the module's broker is untouched.
     assert ray.get(tr.get_broker().ping.remote())["name"] == "tangram"

@@ -294,22 +294,22 @@ def test_coding_short_runs_many_short_poorly_parallel_suites() -> None:
     p = CodingShortParams()
     trajs = generate("coding-short", 40, 1, 0)
     for t in trajs:
-        tools = sum(a.kind == "tool" for a in t.actions)
-        tests = [a for a in t.actions if a.kind == "test"]
+        tools = sum(a.label == "tool" for a in t.actions)
+        tests = [a for a in t.actions if a.label == "test"]
         assert len(tests) == 1 + (tools - 1) // p.test_every
-        assert t.actions[-1].kind == "test"
+        assert t.actions[-1].label == "test"
         for a in tests:
             assert p.amdahl_lo <= a.efficiency.parallel_fraction <= p.amdahl_hi  # type: ignore[union-attr]
-    durs = sorted(a.duration for t in trajs for a in t.actions if a.kind == "test")
+    durs = sorted(a.duration for t in trajs for a in t.actions if a.label == "test")
     assert 5 < durs[len(durs) // 2] < 20
 
 
 def test_coding_long_runs_rare_long_suites_on_some_trajectories() -> None:
     p = CodingLongParams()
     trajs = generate("coding-long", 200, 1, 0)
-    with_suite = [t for t in trajs if t.actions[-1].kind == "test"]
+    with_suite = [t for t in trajs if t.actions[-1].label == "test"]
     assert 0.1 < len(with_suite) / len(trajs) < 0.3
-    assert all(sum(a.kind == "test" for a in t.actions) <= 1 for t in trajs)
+    assert all(sum(a.label == "test" for a in t.actions) <= 1 for t in trajs)
     durs = sorted(t.actions[-1].duration for t in with_suite)
     assert 100 < durs[len(durs) // 2] < 400
     assert all(

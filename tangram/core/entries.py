@@ -21,6 +21,7 @@ class Entry:
     # Set by a policy when the action is queued (``Policy.prepare``), for its rounds:
     durations: Any = None  # the key pool's duration per feasible amount
     wait: Waiting | None = None  # how the estimate sees it while it waits
+    weight: float = 1.0  # how much its time counts against others' (``tangram``)
     throttled_on: tuple[str, ...] = ()  # pools whose time-based limit held it back
 
 

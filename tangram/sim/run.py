@@ -252,10 +252,10 @@ def summarise(runner: Runner, extra: dict[str, Any]) -> dict[str, Any]:
     exe = np.array([r.exec_s for r in done])
     setup = np.array([r.setup_s for r in done])
     sched = np.array([r.sched_s for r in done])
-    by_kind: dict[str, dict[str, float]] = {}
-    for kind in sorted({r.spec.kind for r in done}):
-        sel = np.array([r.spec.kind == kind for r in done])
-        by_kind[kind or "-"] = {
+    by_label: dict[str, dict[str, float]] = {}
+    for label in sorted({r.spec.label for r in done}):
+        sel = np.array([r.spec.label == label for r in done])
+        by_label[label or "-"] = {
             "count": int(sel.sum()),
             "act_mean_s": _mean(act[sel]),
             "queue_mean_s": _mean(queue[sel]),
@@ -282,7 +282,7 @@ def summarise(runner: Runner, extra: dict[str, Any]) -> dict[str, Any]:
         "voided_trajectories": runner.voided,
         # RL samples per hour of step time: a voided trajectory is a lost sample.
         "valid_trajectories_per_hour": valid * 3600.0 / step_total if step_total > 0 else 0.0,
-        "by_kind": by_kind,
+        "by_label": by_label,
         "restores": extra.pop("restores", 0),
         "quota_violations": extra.pop("quota_violations", extra.get("failed_calls", 0)),
         **extra,

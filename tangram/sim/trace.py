@@ -34,7 +34,7 @@ class ActionSpec:
     efficiency: Efficiency | None = None
     service: str | None = None
     tokens: int | None = None
-    kind: str = ""  # free-form label (tool, test, search, judge...) for the reports
+    label: str = ""  # free-form (tool, test, search, judge...), for the reports
     # What the action tells the scheduler, when it is not the truth (``--duration-error``,
     # ``--hide-durations``; never read from or written to a trace): ``declared`` replaces
     # ``duration`` in the submitted action, ``hidden`` submits no duration at all. The
@@ -98,8 +98,8 @@ TRACE_FIELDS = wire.action_fields("demands", "key", "duration", "efficiency", "s
 def action_to_wire(trajectory: str, a: ActionSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "action", "trajectory": trajectory, "gap": a.gap}
     out.update(wire.encode_fields(a, TRACE_FIELDS))
-    if a.kind:
-        out["label"] = a.kind
+    if a.label:
+        out["label"] = a.label
     return out
 
 
@@ -160,7 +160,7 @@ def _parse_action(obj: Mapping[str, Any]) -> tuple[str, ActionSpec]:
         efficiency=parse_efficiency(obj.get("efficiency")),
         service=service,
         tokens=tokens,
-        kind=label if isinstance(label, str) else "",
+        label=label if isinstance(label, str) else "",
     )
 
 

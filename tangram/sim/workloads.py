@@ -112,7 +112,7 @@ def _tool_call(rng: np.random.Generator, p: CodingParams) -> ActionSpec:
         gap=_lognormal(rng, p.gap_median_s, p.gap_sigma),
         demands={"cpu": Demand.fixed(1)},
         duration=round(dur, 6),
-        kind="tool",
+        label="tool",
     )
 
 
@@ -124,7 +124,7 @@ def _test_suite(rng: np.random.Generator, p: CodingParams) -> ActionSpec:
         duration=_lognormal(rng, p.test_median_s, p.test_sigma),
         key="cpu",
         efficiency=Amdahl(round(float(rng.uniform(p.amdahl_lo, p.amdahl_hi)), 4)),
-        kind="test",
+        label="test",
     )
 
 
@@ -231,7 +231,7 @@ def deepsearch(p: DeepSearchParams, steps: int, rng: np.random.Generator) -> lis
                         gap=_lognormal(rng, p.gap_median_s, p.gap_sigma),
                         demands={api: Demand.fixed(1)},
                         duration=_lognormal(rng, med, p.api_sigma),
-                        kind=api,
+                        label=api,
                     )
                 )
             t.actions.append(
@@ -311,7 +311,7 @@ def _gpu_action(
         key="gpu",
         efficiency=table,
         service=svc,
-        kind="judge" if svc == "judge" else "teacher",
+        label="judge" if svc == "judge" else "teacher",
     )
 
 

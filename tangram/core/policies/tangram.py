@@ -11,7 +11,7 @@ of parallelism beats it (docs/benchmarks.md). This policy gives units a price in
   on an idle pool, steep near saturation (the shape of a queue's marginal delay).
 - **Target.** An elastic action's target amount ``m`` minimises
   ``(w + lam * m) * d(m)``: its own time, weighted, plus the unit-seconds it holds,
-  priced (``d(m)`` includes a GPU restore the amount would need). The weight
+  priced. The weight
   ``w = max(1, d(min) / typical) ** boost`` makes actions much longer than the pool's
   typical one (a running geometric mean) count more: they set the RL step's end.
 - **Admission.** An elastic action is admitted once ``share`` of its target fits, not at
@@ -85,11 +85,12 @@ class Tangram(Policy):
         self.running: dict[str, int] = {}  # leases holding units of each pool
         # pool -> log of the typical duration at the minimum of its elastic actions
         self.typical: dict[str, float] = {}
-        # (task, pool, min, max) -> (runs, mean duration at the minimum) of actions that
-        # declared none
+        # (task, key pool, min, max) -> (runs, mean duration at the minimum) of elastic
+        # actions that declared none
         self.profiles: dict[tuple[str, str, int, int], tuple[int, float]] = {}
         # The paper's scheduler, for the pools whose actions restore services (GPUs).
         self.paper: Paper | None = None
+        self._arrays: dict[tuple[int, ...], np.ndarray] = {}
 
     def settings(self) -> dict[str, float]:
         return {
@@ -138,10 +139,11 @@ class Tangram(Policy):
     def costs(self, entry: Entry, pool: str, lam: float, lo: int = 0) -> np.ndarray:
         """The priced cost of each feasible amount of ``entry`` on its key pool, from
         index ``lo``: (weight + lam * m) * d(m)."""
-        amounts = entry.feasible[pool][lo:]
-        d = entry.durations[lo:]
-        w = self.weight(pool, float(entry.durations[0]))
-        return (w + lam * np.asarray(amounts, dtype=np.float64)) * d  # type: ignore[no-any-return]
+        feasible = entry.feasible[pool]
+        m = self._arrays.get(feasible)
+        if m is None:  # one array per distinct feasible set, not per action
+            m = self._arrays[feasible] = np.asarray(feasible, dtype=np.float64)
+        return (entry.weight + lam * m[lo:]) * entry.durations[lo:]  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ hooks
     def _delegated(self, pool: str | None) -> bool:
@@ -172,6 +174,8 @@ class Tangram(Policy):
         lo = a.demands[pool].min
         m = np.asarray(entry.feasible[pool], dtype=np.float64)
         entry.durations = d_min * a.efficiency.speedup(lo) / a.efficiency.speedups(m)
+        # Against the typical duration before this one: weighed once, when queued.
+        entry.weight = self.weight(pool, d_min) if known else 1.0
         if known and d_min > 0.0:
             old = self.typical.get(pool)
             x = math.log(d_min)
@@ -185,7 +189,7 @@ class Tangram(Policy):
             return feasible[0]
         target = feasible[int(np.argmin(self.costs(entry, pool, self.unit_price(pool))))]
         share = self.share
-        w = self.weight(pool, float(entry.durations[0]))
+        w = entry.weight
         if w > self.long:
             share = min(1.0, share * (w / self.long) ** self.wait)
         want = share * target
@@ -228,7 +232,11 @@ class Tangram(Policy):
             lo = entry.feasible[pool].index(got)
             cands.append(Candidate(entry.feasible[pool][lo:], self.costs(entry, pool, lam, lo)))
         op = scratch.operator(part, {m.entry.action.id for m in members})
-        cost, amounts = solve(cands, op).best(len(cands))
+        slack = op.units(op.start()) - sum(c.amounts[0] for c in cands)
+        if slack <= 0:
+            return  # nothing free beyond what admission gave (a cold, crowded round)
+        # The DP tracks at most ``slack`` extra units: exact, and small on a busy node.
+        cost, amounts = solve(cands, op, slack).best(len(cands))
         if not math.isfinite(cost):
             return  # cannot happen after admission; keep the admission amounts
         for m, x in zip(members, amounts, strict=True):
@@ -241,25 +249,28 @@ class Tangram(Policy):
             self.paper.on_grant(lease)
 
     def on_end(self, lease: Lease) -> None:
+        running = self.running
         for pool in lease.allocation:
-            self.running[pool] -= 1
+            running[pool] -= 1
         if self.paper is not None:
             self.paper.on_end(lease)
         a = lease.action
-        if a.duration is not None or lease.ended_at is None or lease.outcome != "ok":
+        pool = a.key
+        if a.duration is not None or pool is None or a.efficiency is None:
             return
-        # An action that declared no duration: what it took is its task's profile on each
-        # pool, back to the duration at the minimum by its own efficiency curve.
-        for pool, alloc in lease.allocation.items():
-            run = lease.ended_at - lease.granted_at - self.pools[pool].held_cost(a, alloc)
-            if run <= 0.0:
-                continue
-            if a.key == pool and a.efficiency is not None:
-                lo = a.demands[pool].min
-                run = run * a.efficiency.speedup(alloc.amount) / a.efficiency.speedup(lo)
-            key = _profile_key(a, pool)
-            n, mean = self.profiles.get(key, (0, 0.0))
-            self.profiles[key] = (n + 1, mean + (run - mean) / (n + 1))
+        alloc = lease.allocation.get(pool)
+        if alloc is None or lease.ended_at is None or lease.outcome != "ok":
+            return
+        # An elastic action that declared no duration: what it took is its task's profile
+        # on its key pool, back to the duration at the minimum by its efficiency curve.
+        run = lease.ended_at - lease.granted_at - self.pools[pool].held_cost(a, alloc)
+        if run <= 0.0:
+            return
+        lo = a.demands[pool].min
+        d_min = run * a.efficiency.speedup(alloc.amount) / a.efficiency.speedup(lo)
+        key = _profile_key(a, pool)
+        n, mean = self.profiles.get(key, (0, 0.0))
+        self.profiles[key] = (n + 1, mean + (d_min - mean) / (n + 1))
 
 
 def _elastic_on(entry: Entry, pool: str) -> bool:

@@ -69,7 +69,7 @@ def static_setup(
                     duration=(act.duration_at(k) or 0.0) if a.key == pool else a.duration,
                     service=a.service,
                     tokens=a.tokens,
-                    kind=a.kind,
+                    label=a.label,
                 )
             )
         out.append(nt)
