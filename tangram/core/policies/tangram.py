@@ -250,8 +250,8 @@ class Tangram(Policy):
 
     def on_end(self, lease: Lease) -> None:
         running = self.running
-        for pool in lease.allocation:
-            running[pool] -= 1
+        for held in lease.allocation:
+            running[held] -= 1
         if self.paper is not None:
             self.paper.on_end(lease)
         a = lease.action
