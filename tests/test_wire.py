@@ -139,7 +139,7 @@ def test_a_trace_line_round_trips_and_old_lines_still_load() -> None:
         efficiency=Amdahl(0.95),
         service="rm",
         tokens=7,
-        kind="tool",
+        label="tool",
     )
     head = '{"kind": "trajectory", "id": "t0"}'
     line = orjson.dumps(action_to_wire("t0", spec)).decode()

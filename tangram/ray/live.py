@@ -111,7 +111,9 @@ class Outcome:
         every = [x for v in self.acts.values() for x in v]
         return {
             "act_mean_seconds": round(statistics.fmean(every), 3) if every else None,
-            "act_by_label_seconds": {k: round(statistics.fmean(v), 3) for k, v in self.acts.items()},
+            "act_by_label_seconds": {
+                k: round(statistics.fmean(v), 3) for k, v in self.acts.items()
+            },
             "step_seconds": round(self.step_seconds, 3),
             "actions": len(every),
             "failures": self.failures,
