@@ -100,7 +100,7 @@ class LeaseTable:
     def deadline(self, lease_id: str) -> float:
         return self._deadline[lease_id]
 
-    def ended_error(self, lease_id: str, releasing: bool) -> Exception | None:
+    def ended_error(self, lease_id: str, releasing: bool, now: float) -> Exception | None:
         """Why a lease that is not live cannot be released or heartbeated: UnknownLease,
         LeaseExpired, or (for a heartbeat) LeaseReleased; None for releasing a released
         lease, which is not an error."""
@@ -109,10 +109,7 @@ class LeaseTable:
             return UnknownLease(f"no lease {lease_id!r}")
         state, expires_at, _ = ended
         if state == "expired":
-            return LeaseExpired(
-                f"lease {lease_id!r} expired at {expires_at:.3f} (no heartbeat within its "
-                "TTL); its units were taken back"
-            )
+            return expired(lease_id, now - expires_at)
         return None if releasing else LeaseReleased(f"lease {lease_id!r} was already released")
 
     def next_deadline(self) -> float | None:
@@ -163,3 +160,13 @@ class LeaseTable:
         ended[lease_id] = (state, expires_at, at)
         if len(ended) > ENDED_KEPT:
             ended.popitem(last=False)
+
+
+def expired(lease_id: str, ago: float) -> LeaseExpired:
+    """The error for a lease past its deadline. It says how long ago in seconds: the
+    deadline itself is on the broker's clock (its event loop's), which means nothing to a
+    client."""
+    return LeaseExpired(
+        f"lease {lease_id!r} expired {max(0.0, ago):.1f} s ago (no heartbeat within its "
+        "TTL); its units were taken back"
+    )

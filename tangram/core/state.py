@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tangram.core.entries import Admitted, Entry
-from tangram.core.leases import LeaseTable
+from tangram.core.leases import LeaseTable, expired
 from tangram.core.managers.base import Manager, Scratch
 from tangram.core.policies.base import Policy
 from tangram.core.policies.tangram import Tangram
@@ -29,7 +29,6 @@ from tangram.spec import (
     Allocation,
     InvalidAction,
     Lease,
-    LeaseExpired,
     QueueFull,
 )
 
@@ -421,7 +420,7 @@ class Core:
             self.expire(now)
             lease = None
         if lease is None:
-            err = table.ended_error(lease_id, releasing=True)
+            err = table.ended_error(lease_id, releasing=True, now=now)
             if err is not None:
                 raise err
             return None
@@ -474,11 +473,11 @@ class Core:
         table = self.table
         lease = table.live.get(lease_id)
         if lease is None:
-            err = table.ended_error(lease_id, releasing=False)
+            err = table.ended_error(lease_id, releasing=False, now=now)
             assert err is not None
             raise err
         if table.deadline(lease_id) <= now:  # past its TTL, not yet collected by expire()
-            raise LeaseExpired(f"lease {lease_id!r} expired at {table.deadline(lease_id):.3f}")
+            raise expired(lease_id, now - table.deadline(lease_id))
         at = table.extend(lease, now, ttl)
         for o in self.observers:
             o.on_heartbeat(lease, now)
