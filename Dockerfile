@@ -13,16 +13,20 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE} AS build
 WORKDIR /src
 # The dependencies first, in a layer of their own that is rebuilt only when
-# pyproject.toml changes (they take a minute or more to fetch; the package seconds).
+# pyproject.toml changes (they take a minute or more to fetch; the package seconds):
+# the base requirements of tangram-broker and those of its extras `server` (tangram
+# serve) and `ray` (the KubeRay head and the sandbox workers run this image too).
 COPY pyproject.toml ./
 # The venv lives at the path the runtime stage copies it to: its scripts hard-code it.
 RUN python3 -m venv /opt/tangram \
     && /opt/tangram/bin/python -m pip install --no-cache-dir --upgrade pip setuptools wheel \
     && /opt/tangram/bin/python -c "import tomllib; \
-print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+x = p['optional-dependencies']; \
+print('\n'.join(dict.fromkeys(p['dependencies'] + x['server'] + x['ray'])))" \
         > /tmp/requirements.txt \
     && /opt/tangram/bin/python -m pip install --no-cache-dir -r /tmp/requirements.txt
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY tangram ./tangram
 # No build isolation: setuptools and wheel are already in the venv, so building the
 # wheel needs no further download.

@@ -2,15 +2,32 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What each target needs installed into .venv (see the extras in pyproject.toml):
+# `make serve` only the server, everything else (tests, lint, benchmarks) the dev extra.
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-server
 
 .PHONY: venv test test-image lint typecheck serve bench clean
 
-$(STAMP): pyproject.toml
+# A venv with an up-to-date pip; the distribution was called `tangram` before it was
+# `tangram-broker`: an old editable install of that name is removed first.
+define setup
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	! $(BIN)/python -m pip show -q tangram >/dev/null 2>&1 \
+		|| $(BIN)/python -m pip uninstall -q -y tangram
+endef
+
+$(STAMP): pyproject.toml
+	$(setup)
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(SERVE_STAMP)
+
+# The dev extra holds the server's packages: a venv set up for tests serves too.
+$(SERVE_STAMP): pyproject.toml
+	$(setup)
+	$(BIN)/python -m pip install -q -e '.[server]'
+	touch $(SERVE_STAMP)
 
 venv: $(STAMP)
 
@@ -28,7 +45,7 @@ test: lint typecheck
 test-image:
 	deploy/image/test-image.sh
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/tangram serve $(ARGS)
 
 bench: $(STAMP)

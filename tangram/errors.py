@@ -68,6 +68,17 @@ class LeaseReleased(TangramError):
     """The lease was already released (a heartbeat after release is a client bug)."""
 
 
+class BrokerUnreachable(TangramError):
+    """No answer from the broker (nothing listens at the URL, the connection broke, or
+    no answer came in time), after the client's retries. ``url`` is where it was asked,
+    ``__cause__`` the transport's own error. Raised by the HTTP client itself; the call
+    may or may not have reached the broker (every call is safe to repeat)."""
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
 class ActionCancelled(TangramError):
     """The queued action was cancelled before it was granted."""
 
@@ -152,6 +163,9 @@ CODES: tuple[Code, ...] = (
     Code(StaleLease, 409, "stale-lease"),
     Code(ForgedGrant, 403, "forged-grant"),
     Code(GrantMismatch, 403, "grant-mismatch"),
+    # The HTTP client raises it when no answer comes back; Tangram's server never answers
+    # with it, a gateway in front of the broker may (as a 502 of this type).
+    Code(BrokerUnreachable, 502, "broker-unreachable"),
 )
 
 _BY_CLASS: dict[type[BaseException], Code] = {c.cls: c for c in CODES}

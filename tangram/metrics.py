@@ -7,14 +7,19 @@ Two halves, both on one ``CollectorRegistry``:
   idle unit-seconds, queue length, GPU cache and quota state), so gauges are never stale
   and cost nothing between scrapes.
 
-Labels are low-cardinality only: pool, node, kind, task, tenant, outcome, reason, limit.
-Never a label per action, lease or trajectory. Scrape from the thread that drives the
-core (the HTTP route does: it runs on the broker's event loop).
+Labels are low-cardinality only: pool, node, kind, task, tenant, outcome, reason, limit
+(and version, on ``tangram_build_info``). Never a label per action, lease or trajectory.
+Scrape from the thread that drives the core (the HTTP route does: it runs on the
+broker's event loop).
+
+Importing this module turns off prometheus-client's ``*_created`` series (one more
+series per counter and histogram label set, which nothing here reads) for the process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -22,12 +27,15 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+import tangram
 from tangram import kinds
 from tangram.core.state import Core
 from tangram.spec import Action, Lease
@@ -42,6 +50,37 @@ TIME_BUCKETS = (
 ROUND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DOP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Families a manager exports under one name whose samples come in different units, split
+# into one family per unit (Prometheus: one unit per metric name). Family -> (the label
+# that tells the unit, {label value: family}, the family for every other value); the
+# label is dropped where a family holds one value of it only.
+SPLIT_BY_UNIT: dict[str, tuple[str, dict[str, str], str]] = {
+    "quota_available": ("limit", {"tokens": "quota_available_tokens"}, "quota_available_permits"),
+}
+SPLIT_DOCS = {
+    "quota_available_permits": "Permits a quota pool could grant now, per limit "
+    "(concurrency, window, rate).",
+    "quota_available_tokens": "Tokens a quota pool's tokens-per-minute bucket holds now.",
+}
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+Child = Callable[..., Any]
+
+
+def _children(metric: Counter | Histogram) -> Child:
+    """``metric.labels``, remembering each child it made: ``labels`` takes a lock and
+    checks its arguments on every call, and the observer runs on every grant and end."""
+    made: dict[tuple[str, ...], Any] = {}
+
+    def child(*values: str) -> Any:
+        c = made.get(values)
+        if c is None:
+            c = made[values] = metric.labels(*values)
+        return c
+
+    return child
 
 
 class Metrics:
@@ -128,7 +167,18 @@ class Metrics:
             "tangram_scheduler_deferred", "Admitted actions the elastic scheduler deferred.",
             registry=reg,
         )  # fmt: skip
+        self._submitted, self._refused = _children(self.submitted), _children(self.refused)
+        self._granted, self._released = _children(self.granted), _children(self.released)
+        self._expired, self._cancelled = _children(self.expired), _children(self.cancelled)
+        self._act, self._queue = _children(self.act), _children(self.queue)
+        self._execution, self._overhead = _children(self.execution), _children(self.overhead)
+        self._restore, self._dop = _children(self.restore), _children(self.dop)
         reg.register(_PoolCollector(core, clock))
+        info = Gauge(
+            "tangram_build_info", "The running Tangram's version (always 1).", ("version",),
+            registry=reg,
+        )  # fmt: skip
+        info.labels(tangram.__version__).set(1)
         core.observers.append(self)
 
     @classmethod
@@ -152,45 +202,50 @@ class Metrics:
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def on_submit(self, action: Action, now: float) -> None:
-        self.submitted.labels(action.task, action.tenant or "").inc()
+        self._submitted(action.task, action.tenant or "").inc()
 
     def on_refuse(self, action: Action, reason: str) -> None:
-        self.refused.labels(reason, action.tenant or "").inc()
+        self.refuse(reason, action.tenant)
+
+    def refuse(self, reason: str, tenant: str | None) -> None:
+        """Count a submit refused before it reached the core (a door's own refusals:
+        a body that is not an action, a missing token...); the core counts its own."""
+        self._refused(reason, tenant or "").inc()
 
     def on_grant(self, lease: Lease, now: float) -> None:
         a = lease.action
-        self.granted.labels(a.task, a.tenant or "").inc()
+        self._granted(a.task, a.tenant or "").inc()
         labels = (self._kind(a), a.task)
-        self.queue.labels(*labels).observe(lease.granted_at - a.submitted_at)
-        self.overhead.labels(*labels).observe(lease.overhead)
+        self._queue(*labels).observe(lease.granted_at - a.submitted_at)
+        self._overhead(*labels).observe(lease.overhead)
         key = a.key
         if key is not None and a.demands[key].elastic:
-            self.dop.labels(key).observe(lease.allocation[key].amount)
+            self._dop(key).observe(lease.allocation[key].amount)
 
     def on_end(self, lease: Lease, now: float) -> None:
         a = lease.action
         who = (a.task, a.tenant or "")
         if lease.state == "expired":
-            self.expired.labels(*who).inc()
+            self._expired(*who).inc()
         else:
-            self.released.labels(*who, lease.outcome or "ok").inc()
+            self._released(*who, lease.outcome or "ok").inc()
         labels = (self._kind(a), a.task)
         restore = sum(
             self.core.pools[p].held_cost(a, alloc) for p, alloc in lease.allocation.items()
         )
         held = now - lease.granted_at
         if restore:
-            self.restore.labels(*labels).observe(restore)
-        self.execution.labels(*labels).observe(max(0.0, held - lease.overhead - restore))
+            self._restore(*labels).observe(restore)
+        self._execution(*labels).observe(max(0.0, held - lease.overhead - restore))
         # The grant time is the round's start; the holder got the lease ``overhead``
         # later, so held time = overhead + restore + execution, and the parts add up.
-        self.act.labels(*labels).observe(now - a.submitted_at)
+        self._act(*labels).observe(now - a.submitted_at)
 
     def on_heartbeat(self, lease: Lease, now: float) -> None:
         pass
 
     def on_cancel(self, action: Action, now: float) -> None:
-        self.cancelled.labels(action.task, action.tenant or "").inc()
+        self._cancelled(action.task, action.tenant or "").inc()
 
     def on_round(self, seconds: float, candidates: int, deferred: int) -> None:
         self.round.observe(seconds)
@@ -231,10 +286,24 @@ class _PoolCollector(Collector):
         # What each kind exports beyond that (its manager declares it), for every kind
         # registered, so a family is there even before a pool of its kind has a value.
         extra: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        # A split family: where its unit label is among its labels, and its families.
+        splits: dict[str, tuple[int, dict[str, str], str]] = {}
         for kind in kinds.KINDS.values():
             for fam in kind.manager.metrics:
                 cls = CounterMetricFamily if fam.type == "counter" else GaugeMetricFamily
-                extra[fam.name] = cls(f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels])
+                split = SPLIT_BY_UNIT.get(fam.name)
+                if split is None:
+                    extra[fam.name] = cls(
+                        f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels]
+                    )
+                    continue
+                label, named, rest = split
+                at = fam.labels.index(label)
+                others = [x for x in fam.labels if x != label]
+                for name in named.values():
+                    extra[name] = cls(f"tangram_{name}", SPLIT_DOCS[name], labels=["pool", *others])
+                extra[rest] = cls(f"tangram_{rest}", SPLIT_DOCS[rest], labels=["pool", *fam.labels])
+                splits[fam.name] = (at, named, rest)
         queue_len = core.queued_per_pool()
         for name, mgr in core.pools.items():
             mgr.tick(now)
@@ -246,6 +315,13 @@ class _PoolCollector(Collector):
                 idle.add_metric(lv, mgr.idle_seconds.get(node, 0.0))
             queued.add_metric([name, mgr.kind], queue_len.get(name, 0))
             for family, values, value in mgr.samples(now):
+                if family in splits:
+                    at, named, rest = splits[family]
+                    unit = named.get(values[at])
+                    if unit is not None:
+                        family, values = unit, (*values[:at], *values[at + 1 :])
+                    else:
+                        family = rest
                 extra[family].add_metric([name, *values], value)
         active = GaugeMetricFamily("tangram_leases_active", "Leases held now.")
         active.add_metric([], len(core.leases))

@@ -4,15 +4,25 @@ under errors, cancellation and timeouts, retries of transient errors, error mapp
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
-from tangram.client import HttpClient, SyncHttpClient, TooManyQueued, Unauthorized
+from tangram.client import (
+    BrokerUnreachable,
+    HttpClient,
+    SyncHttpClient,
+    TooManyQueued,
+    Unauthorized,
+)
 from tangram.config import parse_config
 from tangram.server import LiveServer, create_app
 from tangram.spec import Action, InvalidAction, LeaseExpired
@@ -241,3 +251,162 @@ async def test_a_proxys_html_502_is_retried_then_reported():
             await client.pools()
     assert info.value.status == 502 and "bad gateway" in info.value.detail
     assert len(calls) == 5  # the first try and 4 retries
+
+
+# ---------------------------------------------------------------- errors a caller can act on
+def test_every_error_class_imports_from_tangram_client():
+    import tangram.client
+    from tangram.client import BrokerUnreachable, HttpError, LeaseExpired  # noqa: F401
+    from tangram.errors import CODES
+
+    for code in CODES:
+        assert getattr(tangram.client, code.name) is code.cls, code.name
+        assert code.name in tangram.client.__all__
+    for name in ("HttpError", "Unauthorized", "TooManyQueued", "ServerUnavailable"):
+        assert name in tangram.client.__all__
+
+
+async def test_each_404_is_its_own_error_naming_what_is_missing(client, url):
+    from tangram.client import HttpError, UnknownAction, UnknownLease
+
+    with pytest.raises(UnknownAction, match="no action 'a-none'"):
+        await client.get("a-none")
+    with pytest.raises(UnknownAction):
+        await client.cancel("a-none")
+    with pytest.raises(UnknownLease, match="no lease 'l-none'"):
+        await client.heartbeat("l-none")
+    with pytest.raises(UnknownLease, match="no lease 'l-none'"):
+        await client.release("l-none")
+    # A wrong base URL reaches the server but no endpoint: neither error, and the
+    # message says which URL was asked.
+    async with HttpClient(url + "/api", token=TOKEN) as wrong:
+        with pytest.raises(HttpError) as info:
+            await wrong.submit(api())
+        with pytest.raises(HttpError) as info2:
+            await wrong.get("a1")
+    for err in (info.value, info2.value):
+        assert not isinstance(err, (UnknownAction, UnknownLease))
+        assert err.status == 404
+        assert f"{url}/api/v1/actions" in str(err) and "base URL" in str(err)
+
+
+class NotTangram(BaseHTTPRequestHandler):
+    """Some other web server: a 404 page in HTML for every path."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body>404 page not found</body></html>"
+        self.send_response(404)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_a_404_from_a_server_that_is_not_tangram_names_the_url():
+    from tangram.client import HttpError, UnknownAction, UnknownLease
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotTangram)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        async with HttpClient(base) as other:
+            with pytest.raises(HttpError) as info:
+                await other.heartbeat("l1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = info.value
+    assert not isinstance(err, (UnknownAction, UnknownLease)) and err.status == 404
+    assert f"POST {base}/v1/leases/l1/heartbeat" in str(err)
+    assert "base URL" in str(err) and "404 page not found" in str(err)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_server_that_is_down_is_broker_unreachable_naming_the_url():
+    from tangram.client import BrokerUnreachable, TangramError
+
+    base = f"http://127.0.0.1:{closed_port()}"
+    async with HttpClient(base, backoff=0.001, retries=2) as down:
+        with pytest.raises(BrokerUnreachable) as info:
+            await down.pools()
+        with pytest.raises(BrokerUnreachable) as info2:
+            await down.acquire(api(), timeout=5)
+    err = info.value
+    assert isinstance(err, TangramError) and isinstance(err.__cause__, httpx.ConnectError)
+    assert err.url == f"{base}/v1/pools"
+    assert f"GET {base}/v1/pools" in str(err) and "ConnectError" in str(err)
+    assert "3 tries" in str(err)
+    assert f"POST {base}/v1/actions" in str(info2.value)
+
+
+def test_the_sync_client_says_the_same():
+    from tangram.client import BrokerUnreachable
+
+    base = f"http://127.0.0.1:{closed_port()}"
+    with (
+        SyncHttpClient(base, backoff=0.001, retries=1) as down,
+        pytest.raises(BrokerUnreachable, match=f"at GET {base}/v1/pools"),
+    ):
+        down.pools()
+
+
+async def test_a_heartbeat_that_gets_no_answer_does_not_lose_the_lease():
+    # Unreachable is "not asked", not "lost": the keep-alive tries again next beat.
+    from tangram.client import RemoteLease
+
+    lease = RemoteLease("l1", "a1", 1, {}, 1, False, time.time() + 60, 60.0)
+    async with HttpClient(f"http://127.0.0.1:{closed_port()}", backoff=0.001) as down:
+        assert await down.heartbeat_many([lease]) == {}
+
+
+async def test_retries_back_off_exponentially_with_jitter(monkeypatch):
+    import tangram.client.http as http_module
+
+    pauses: list[float] = []
+
+    class Asyncio:
+        """asyncio as the client module sees it, with a sleep that only takes notes."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        @staticmethod
+        async def sleep(seconds: float) -> None:
+            pauses.append(seconds)
+
+    monkeypatch.setattr(http_module, "asyncio", Asyncio())
+    base = f"http://127.0.0.1:{closed_port()}"
+    ratios: list[float] = []
+    for _ in range(3):
+        pauses.clear()
+        async with HttpClient(base, retries=4, backoff=0.1, max_backoff=0.5) as down:
+            with pytest.raises(BrokerUnreachable):
+                await down.pools()
+        nominal = [0.1, 0.2, 0.4, 0.5]  # doubling, capped at max_backoff
+        assert len(pauses) == len(nominal)
+        ratios += [p / n for p, n in zip(pauses, nominal, strict=True)]
+    # Each pause is half to all of its nominal delay, and they are not in lockstep.
+    assert all(0.5 <= r <= 1.0 for r in ratios), ratios
+    assert len({round(r, 6) for r in ratios}) > len(ratios) // 2, ratios
+
+
+async def test_an_expiry_message_tells_a_time_the_client_can_read(client):
+    lease = await client.acquire(api(ttl=0.2))
+    await asyncio.sleep(0.4)
+    with pytest.raises(LeaseExpired) as info:
+        await client.release(lease.id)
+    message = str(info.value)
+    # Seconds ago, not a time on the broker's own clock.
+    assert re.search(r"expired \d+\.\d s ago", message), message

@@ -460,6 +460,85 @@ def test_service_and_podmonitor_select_the_head_pod() -> None:
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8000"
 
 
+def relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, str]:
+    """Prometheus's relabelling (replace, keep, drop, labelmap), enough of it for the
+    PodMonitor's endpoint relabelings. A target dropped comes back empty."""
+    out = dict(labels)
+    for cfg in configs:
+        action = cfg.get("action", "replace").lower()
+        sources = cfg.get("sourceLabels", [])
+        value = cfg.get("separator", ";").join(out.get(s, "") for s in sources)
+        regex = re.compile(f"^(?:{cfg.get('regex', '(.*)')})$")
+        m = regex.match(value)
+        if action == "replace":
+            if m is not None:
+                target = m.expand(re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", cfg["targetLabel"]))
+                repl = m.expand(re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", cfg.get("replacement", "$1")))
+                if repl:
+                    out[target] = repl
+                else:
+                    out.pop(target, None)
+        elif (action == "keep" and m is None) or (action == "drop" and m is not None):
+            return {}
+        else:
+            assert action in ("keep", "drop"), f"relabel action {action} not emulated"
+    return out
+
+
+def operator_job(monitor: dict[str, Any], namespace: str, pod_labels: dict[str, str]) -> str:
+    """The job label the Prometheus Operator gives a PodMonitor's targets: the pod's
+    ``jobLabel`` label when the PodMonitor names one, else ``NAMESPACE/NAME``; then each
+    endpoint's relabelings apply."""
+    spec = monitor["spec"]
+    job = f"{namespace}/{monitor['metadata']['name']}"
+    if spec.get("jobLabel") and spec["jobLabel"] in pod_labels:
+        job = pod_labels[spec["jobLabel"]]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    labels = {"job": job, "namespace": namespace, **{f"__meta_pod_label_{k}": v
+              for k, v in pod_labels.items()}}  # fmt: skip
+    return relabel(labels, endpoint.get("relabelings", []))["job"]
+
+
+def down_alert_job() -> str:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    (down,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "TangramDown"]
+    m = re.fullmatch(r'up\{job="([^"]+)"\} == 0', down["expr"])
+    assert m, down["expr"]
+    return m.group(1)
+
+
+def test_every_scrape_config_gives_the_job_the_down_alert_watches() -> None:
+    """TangramDown (``up{job="tangram"}``) must match the targets of the PodMonitor as
+    the Prometheus Operator labels them (``namespace/name`` by default, which it never
+    would), and those of the shipped Prometheus configurations."""
+    job = down_alert_job()
+    monitor = one(KUBERAY / "podmonitor.yaml")
+    head = dict(groups())["head"]["template"]["metadata"].get("labels", {})
+    pod_labels = {**head, "ray.io/cluster": "tangram", "ray.io/node-type": "head"}
+    for namespace in ("default", "rl"):
+        assert operator_job(monitor, namespace, pod_labels) == job
+    for name in ("prometheus.yml", "prometheus.compose.yml"):
+        prom = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
+        assert [s["job_name"] for s in prom["scrape_configs"]] == [job], name
+    # The emulation has teeth: without the relabeling the job is the operator's default.
+    bare = json.loads(json.dumps(monitor))
+    bare["spec"]["podMetricsEndpoints"][0].pop("relabelings", None)
+    assert operator_job(bare, "rl", pod_labels) == "rl/tangram" != job
+
+
+def test_podmonitor_carries_the_release_label_kube_prometheus_stack_selects() -> None:
+    """kube-prometheus-stack's Prometheus selects PodMonitors labelled with its Helm
+    release (podMonitorSelector: release=<release>) unless told otherwise: the shipped
+    one carries that label, and the docs say to set it to the release's name."""
+    monitor = one(KUBERAY / "podmonitor.yaml")
+    labels = monitor["metadata"]["labels"]
+    assert labels.get("release"), "no release label: kube-prometheus-stack ignores it"
+    text = (KUBERAY / "podmonitor.yaml").read_text()
+    assert "release:" in text and "Helm release" in text
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    assert "podMonitorSelector" in doc and f"release: {labels['release']}" in doc
+
+
 def test_kuberay_config_and_scripts_are_well_formed() -> None:
     """The head's configuration parses once start_broker.py has removed its own keys and
     added the cluster's pools; the scripts compile."""

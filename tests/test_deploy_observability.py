@@ -126,3 +126,77 @@ def test_promtool_accepts_config_and_rules() -> None:
                  ["check", "rules", str(RULES)]):  # fmt: skip
         out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- runbooks, one broker per dashboard, links between the dashboards ----------------
+
+OBSERVABILITY = DEPLOY.parent / "docs" / "observability.md"
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub (and most Markdown renderers) give a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def runbook_anchors() -> dict[str, str]:
+    """Headings of the "Runbooks" section of docs/observability.md, by anchor."""
+    text = OBSERVABILITY.read_text()
+    m = re.search(r"^## Runbooks\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, "docs/observability.md has no Runbooks section"
+    return {slug(h): h for h in re.findall(r"^### (.+)$", m.group(1), re.M)}
+
+
+def test_every_alert_has_a_description_and_a_runbook_in_the_docs() -> None:
+    anchors = runbook_anchors()
+    alerts = [r for r in rules() if "alert" in r]
+    for r in alerts:
+        ann = r["annotations"]
+        assert len(ann.get("description", "")) > 40, r["alert"]
+        url = ann.get("runbook_url", "")
+        assert re.fullmatch(r"https://\S+/observability(\.md)?#[\w-]+", url), url
+        anchor = url.split("#", 1)[1]
+        assert anchor == slug(r["alert"]), (r["alert"], url)
+        assert anchor in anchors, f"{r['alert']}: no runbook heading #{anchor}"
+    # One runbook per alert, no stale ones.
+    assert set(anchors) == {slug(r["alert"]) for r in alerts}
+
+
+def test_rules_keep_each_broker_apart() -> None:
+    """Two brokers scraped by one Prometheus: every aggregation in the rules keeps
+    ``job`` and ``instance``, so recorded series and alerts are per broker, never sums."""
+    for r in rules():
+        clauses = re.findall(r"\b(by|on)\s*\(([^)]*)\)", r["expr"])
+        if "sum" in r["expr"] or "on (" in r["expr"]:
+            assert clauses, r
+        for _, labels in clauses:
+            names = {x.strip() for x in labels.split(",")}
+            assert {"job", "instance"} <= names, (r.get("record") or r.get("alert"), labels)
+
+
+SELECTOR = re.compile(r"\b((?:tangram|process)_[a-z_]+)(\{[^}]*\})?")
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_shows_one_broker_and_links_to_the_others(path: Path) -> None:
+    d = json.loads(path.read_text())
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    inst = variables["instance"]
+    assert inst["type"] == "query" and not inst.get("multi") and not inst.get("includeAll")
+    assert inst["datasource"]["uid"] == "${datasource}"
+    assert "tangram_build_info" in inst["definition"]
+    for name in ("pool", "task"):  # their values are the chosen broker's
+        assert 'instance=~"$instance"' in variables[name]["definition"]
+    for p in d["panels"]:
+        for t in p["targets"]:
+            for metric, selector in SELECTOR.findall(t["expr"]):
+                assert selector and 'instance=~"$instance"' in selector, (p["title"], metric)
+    assert "tangram" in d["tags"]
+    links = [link for link in d["links"] if link["type"] == "dashboards"]
+    assert links, "no links to the other dashboards"
+    for link in links:
+        assert link["tags"] == ["tangram"] and link["includeVars"] and link["keepTime"]
+    others = {json.loads(p.read_text())["uid"] for p in DASHBOARDS} - {d["uid"]}
+    tagged = {json.loads(p.read_text())["uid"] for p in DASHBOARDS
+              if "tangram" in json.loads(p.read_text())["tags"]}  # fmt: skip
+    assert others <= tagged

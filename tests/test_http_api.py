@@ -72,6 +72,54 @@ async def test_submit_without_wait_answers_202_while_queued(http):
     await release(http, r2.json()["lease"]["id"])
 
 
+async def test_plain_submit_answers_what_the_round_it_triggered_decided(http):
+    # No wait: on an idle broker the round the submit triggers grants it, and the answer
+    # says so (200 with the lease) instead of a 202 that needs a second call.
+    r = await http.post("/v1/actions", json=api("plain1"))
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "granted" and r.json()["lease"]["allocation"]["api"]["amount"] == 1
+    # That round found no unit for the next one: 202, queued.
+    q = await http.post("/v1/actions", json=api("plain2"))
+    assert q.status_code == 202 and q.json()["state"] == "queued"
+    await release(http, r.json()["lease"]["id"])
+    r2 = await http.get(f"/v1/actions/{q.json()['id']}", params={"wait": 5})
+    assert r2.json()["state"] == "granted"
+    await release(http, r2.json()["lease"]["id"])
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["memory", "journal"])
+async def test_plain_submits_are_granted_and_still_batched(tmp_path, journal):
+    """Concurrent plain submits share scheduling rounds (each waits for the broker's next
+    round, it does not run one of its own) and are answered with their grants; with a
+    journal, grants durable before they are answered."""
+    from tangram.metrics import Metrics
+
+    cfg = parse_config({"pools": {"api": {"kind": "quota", "concurrency": 64}}})
+    data_dir = tmp_path if journal else None
+    app = create_app(cfg, data_dir=data_dir)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        n = 32
+        answers = await asyncio.gather(
+            *(c.post("/v1/actions", json=api(f"b{i}")) for i in range(n))
+        )
+        assert [a.status_code for a in answers] == [200] * n
+        assert all(a.json()["state"] == "granted" for a in answers)
+        broker = app.state.service.broker
+        assert broker.snapshot()["pools"]["api"]["in_use"] == n
+        m = Metrics.of(broker.core, broker.clock)
+        rounds = m.registry.get_sample_value("tangram_scheduler_round_seconds_count")
+        assert rounds is not None and rounds < n / 4, rounds
+    if not journal:
+        return
+    # Durable: a new server on the same directory has every lease back.
+    app2 = create_app(cfg, data_dir=tmp_path)
+    async with app2.router.lifespan_context(app2):
+        assert app2.state.service.broker.snapshot()["pools"]["api"]["in_use"] == n
+
+
 async def test_long_poll_ends_by_grant_when_the_holder_releases(http):
     first = await grant(http, api("lp1"))
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import tangram
 from tangram.config import parse_config
 from tangram.core.policy import parse_policy
 from tangram.core.state import Core
@@ -139,7 +140,12 @@ def test_gpu_quota_and_parallelism(setup: tuple[Core, Metrics, Clock]) -> None:
     assert value(m, "tangram_quota_tokens_estimated_total", pool="api") == 50
     assert value(m, "tangram_quota_tokens_used_total", pool="api") == 80
     clock.t = 10.5
-    assert value(m, "tangram_quota_available", pool="api", limit="concurrency") == 2
+    assert value(m, "tangram_quota_available_permits", pool="api", limit="concurrency") == 2
+    assert value(m, "tangram_quota_available_permits", pool="api", limit="rate") == 0.5
+    # Tokens under their own name (one unit per metric name): 600 less the 80 used, and
+    # half a second's refill at 600 per minute.
+    assert value(m, "tangram_quota_available_tokens", pool="api") == 600 - 80 + 0.5 * 10
+    assert m.registry.get_sample_value("tangram_quota_available", {"pool": "api"}) is None
 
     # Elastic actions record their granted parallelism.
     core2 = Core(parse_config({"pools": POOLS}).build_pools(), parse_policy("fixed:2"))
@@ -173,5 +179,18 @@ def test_exposition_parses_and_has_no_per_action_labels(
                 "reason",
                 "limit",
                 "le",
+                "version",
             }
     assert "tangram_pool_busy_unit_seconds" in names
+
+
+def test_build_info_and_no_created_series(setup: tuple[Core, Metrics, Clock]) -> None:
+    core, m, _ = setup
+    core.submit(Action.build("t", {"cpu": 1}), 0.0)
+    core.schedule(0.0)
+    assert value(m, "tangram_build_info", version=tangram.__version__) == 1
+    text = m.exposition().decode()
+    assert "tangram_build_info" in text and "tangram_actions_granted_total" in text
+    # A counter's or histogram's creation time is one more series per label set, which
+    # no dashboard reads: turned off.
+    assert "_created" not in text

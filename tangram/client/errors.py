@@ -3,7 +3,10 @@
 A problem whose ``type`` names an error class of tangram/errors.py's table is raised as
 that class (an unknown action as ``UnknownAction``, an unknown lease as
 ``UnknownLease``); the two that say when to try again are raised as subclasses that are
-also ``HttpError`` (``TooManyQueued``, ``ServerUnavailable``), as they always were.
+also ``HttpError`` (``TooManyQueued``, ``ServerUnavailable``), as they always were. A 404
+that names neither (no such endpoint: a wrong base URL, or not a Tangram server at all)
+is an ``HttpError`` whose message names the URL. A server that cannot be reached is a
+``BrokerUnreachable`` (tangram/errors.py), raised by the client itself.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ class ServerUnavailable(HttpError, Unavailable):
         self.retry_after = retry_after
 
 
-def raise_for(status: int, problem: dict[str, Any], retry_after: float = 1.0) -> None:
-    """Raise the error for an error answer's problem details."""
+def raise_for(
+    status: int, problem: dict[str, Any], retry_after: float = 1.0, *, url: str | None = None
+) -> None:
+    """Raise the error for an error answer's problem details; ``url``, the request's,
+    goes into the message of a 404 that names no action or lease (a wrong base URL)."""
     detail = str(problem.get("detail") or problem.get("title") or f"HTTP {status}")
     cls = class_of_kind(str(problem.get("type", "")))
     if cls is not None and issubclass(cls, QueueFull):
@@ -64,4 +70,12 @@ def raise_for(status: int, problem: dict[str, Any], retry_after: float = 1.0) ->
         raise TooManyQueued(detail, problem, retry_after)
     if status == 503:
         raise ServerUnavailable(detail, problem, retry_after)
+    if status == 404:
+        # No such endpoint: Tangram's own "not-found", or another server's 404 (HTML,
+        # JSON of its own). Either way the base URL is the likely mistake.
+        where = f" at {url}" if url else ""
+        detail = (
+            f"no Tangram API endpoint{where}: check the client's base URL (the server's "
+            f"root, such as http://127.0.0.1:8000); the server said: {detail}"
+        )
     raise HttpError(status, detail, problem)

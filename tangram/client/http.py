@@ -3,8 +3,9 @@
 ``async with client.lease(action) as lease:`` submits with an idempotency key, long-polls
 until granted, heartbeats in the background while the body runs and releases on exit,
 also on error or cancellation (the lease context and keep-alive every door shares,
-``tangram.leasing``). Transient connection errors are retried; every call is safe to
-repeat (submits carry an idempotency key, release is idempotent).
+``tangram.leasing``). Transient connection errors are retried, with jittered exponential
+backoff; every call is safe to repeat (submits carry an idempotency key, release is
+idempotent). When the retries run out, ``BrokerUnreachable`` names the URL and the cause.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import httpx
 
 from tangram.client.errors import HttpError, TooManyQueued, Unauthorized, raise_for
 from tangram.client.wire import RemoteLease, action_json
+from tangram.errors import BrokerUnreachable
 from tangram.leasing import Beats, KeepAlive, LeaseContext, finish
 from tangram.spec import (
     Action,
@@ -108,6 +111,7 @@ class HttpClient:
     ) -> tuple[int, Any]:
         params = {"wait": f"{wait:.3f}"} if wait > 0 else None
         delay = self.backoff
+        started = time.monotonic()
         for attempt in range(self.retries + 1):
             # Jittered (half to all of the delay), so that thousands of workers that
             # failed together do not retry in lockstep.
@@ -123,9 +127,9 @@ class HttpClient:
                     headers=headers,
                     timeout=self.timeout + wait,
                 )
-            except TRANSIENT:
+            except TRANSIENT as exc:
                 if last:
-                    raise
+                    raise self._unreachable(method, path, exc, started) from exc
                 await asyncio.sleep(pause)
                 continue
             if r.status_code in RETRY_STATUS and not last:
@@ -135,9 +139,26 @@ class HttpClient:
                 continue
             data = _json(r)
             if r.status_code >= 400:
-                raise_for(r.status_code, data, _retry_after(r))
+                raise_for(r.status_code, data, _retry_after(r), url=f"{method} {r.url}")
             return r.status_code, data
         raise AssertionError("unreachable")
+
+    def _unreachable(
+        self, method: str, path: str, exc: Exception, started: float
+    ) -> BrokerUnreachable:
+        """The error for a call no answer came back to: where, why, how hard we tried."""
+        url = str(self._http.base_url).rstrip("/") + path
+        if isinstance(exc, httpx.RequestError):
+            with contextlib.suppress(RuntimeError):  # raised before a request was built
+                url = str(exc.request.url)
+        why = str(exc) or "no detail"
+        tries = self.retries + 1
+        return BrokerUnreachable(
+            f"no answer from the Tangram broker at {method} {url}: {type(exc).__name__}: "
+            f"{why} ({tries} tries in {time.monotonic() - started:.1f} s; is `tangram "
+            "serve` running there?)",
+            url=url,
+        )
 
     async def submit(
         self, action: ActionLike, *, wait: float = 0.0, idempotency_key: str | None = None
@@ -282,10 +303,10 @@ class HttpClient:
         async def one(lease: RemoteLease) -> float | TangramError | None:
             try:
                 return await self.heartbeat(lease.id, fencing_token=lease.fencing_token)
+            except (BrokerUnreachable, httpx.HTTPError):
+                return None  # not asked: the next beat may get through
             except TangramError as exc:  # expired, released or forgotten
                 return exc
-            except httpx.HTTPError:
-                return None
 
         answers = await asyncio.gather(*(one(x) for x in leases))
         return {x.id: a for x, a in zip(leases, answers, strict=True) if a is not None}

@@ -370,9 +370,12 @@ class BodyLimit:
     """ASGI middleware: 413 for a body over ``max_bytes``, without reading it; and 503,
     not a crash, for a request cut short by the end of a graceful shutdown."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, too_large: Callable[[Scope], None] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.too_large = too_large  # told of every request answered 413
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -391,6 +394,7 @@ class BodyLimit:
         limit = self.max_bytes
         if declared is not None and declared > limit:
             detail = f"the request body has {declared} bytes; this server takes at most {limit}"
+            self._refused(scope)
             await _problem(scope, send, 413, detail)
             return
 
@@ -436,7 +440,12 @@ class BodyLimit:
                 raise
         if over and not started:
             detail = f"the request body passed {limit} bytes, the most this server takes"
+            self._refused(scope)
             await _problem(scope, send, 413, detail)
+
+    def _refused(self, scope: Scope) -> None:
+        if self.too_large is not None:
+            self.too_large(scope)
 
 
 class _TooLarge(Exception):
@@ -454,6 +463,9 @@ async def _problem(
     await send({"type": "http.response.body", "body": resp.body})
 
 
-def install(app: FastAPI, settings: ServerConfig) -> None:
-    """Limit request bodies to ``settings.max_body_bytes``."""
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+def install(
+    app: FastAPI, settings: ServerConfig, too_large: Callable[[Scope], None] | None = None
+) -> None:
+    """Limit request bodies to ``settings.max_body_bytes``; ``too_large(scope)`` is told
+    of each request refused for its body."""
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, too_large=too_large)

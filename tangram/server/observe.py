@@ -2,8 +2,12 @@
 
 The broker's metrics (tangram.metrics) and the request metrics share one registry. The
 request metrics come from a plain ASGI middleware (it runs on every lease call, so no
-per-request objects beyond two label lookups) and are labelled by route template, never
-by the raw path.
+per-request objects: the labelled children are looked up once per method, route and
+status) and are labelled by route template, never by the raw path.
+
+The template is the matched route's, from the request's scope: FastAPI's routes put
+themselves there; plain Starlette routes (the hot submit and release, /metrics) do not,
+so they are made as ``TemplateRoute``, which does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from tangram.broker import Broker
 from tangram.metrics import CONTENT_TYPE, Metrics
@@ -51,8 +56,24 @@ def install(app: FastAPI, broker: Broker) -> Metrics:
     async def serve_metrics(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
-    app.add_route("/metrics", serve_metrics, methods=["GET"], include_in_schema=False)
+    app.router.routes.append(
+        TemplateRoute("/metrics", serve_metrics, methods=["GET"], include_in_schema=False)
+    )
     return metrics
+
+
+class TemplateRoute(Route):
+    """A plain Starlette route that, like FastAPI's, puts itself in the request's scope
+    when it matches (``scope["route"]``), so the request metrics see its template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+UNMATCHED = "unmatched"
 
 
 class _RequestMetrics:
@@ -60,6 +81,10 @@ class _RequestMetrics:
         self.app = app
         self.requests = requests
         self.latency = latency
+        # The labelled children, made on first use: labels() takes a lock and validates
+        # its arguments on every call.
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._times: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,7 +104,15 @@ class _RequestMetrics:
         finally:
             route = scope.get("route")
             # The template, not the path: one series per endpoint, never per id.
-            name = getattr(route, "path", None) or "unmatched"
+            name = getattr(route, "path", None) or UNMATCHED
             method = scope["method"]
-            self.requests.labels(method, name, str(status)).inc()
-            self.latency.labels(method, name).observe(time.perf_counter() - t0)
+            count = self._counts.get((method, name, status))
+            if count is None:
+                count = self._counts[method, name, status] = self.requests.labels(
+                    method, name, str(status)
+                )
+            count.inc()
+            took = self._times.get((method, name))
+            if took is None:
+                took = self._times[method, name] = self.latency.labels(method, name)
+            took.observe(time.perf_counter() - t0)

@@ -15,10 +15,13 @@ from starlette.responses import Response
 
 from tangram.broker import Broker
 from tangram.config import Config, Tenant
+from tangram.metrics import Metrics
 from tangram.server.problems import Problem
 from tangram.server.registry import Record, Registry
 from tangram.server.wire import action_json, respond
 from tangram.spec import Lease, UnknownAction, UnknownLease
+
+SUBMIT = "/v1/actions"  # the path of a submit (POST)
 
 
 class Service:
@@ -44,6 +47,9 @@ class Service:
             bounds[None] = self.settings.max_queued
         self.broker.core.bound_tenants(bounds)
         self._by_digest = {_digest(t.token): t for t in tenants.values()}
+        # The broker's metrics (the /metrics route serves the same), for the refusals the
+        # HTTP layer makes before an action reaches the core.
+        self.metrics = Metrics.of(self.broker.core, self.broker.clock)
         # The broker runs on the monotonic clock; clients want Unix time.
         self.wall = time.time() - self.broker.clock()
         self.broker.subscribe(self._on_event)
@@ -72,7 +78,9 @@ class Service:
         """The caller's tenant from its bearer token; None when no tenants are set up."""
         if not self._by_digest:
             return None
-        auth = request.headers.get("authorization", "")
+        return self._tenant_of(request.headers.get("authorization", ""))
+
+    def _tenant_of(self, auth: str) -> str:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Problem(
@@ -90,13 +98,44 @@ class Service:
             )
         return found.name
 
+    def refuse(self, reason: str, tenant: str | None) -> None:
+        """Count a submit the HTTP layer refused (the core counts its own refusals)."""
+        self.metrics.refuse(reason, tenant)
+
+    def too_large(self, scope: Any) -> None:
+        """A request answered 413 for its body (limits.BodyLimit): a refused submit, if
+        it was one, counted under its tenant when its token names one."""
+        if scope.get("method") != "POST" or scope.get("path") != SUBMIT:
+            return
+        tenant = None
+        if self._by_digest:
+            auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            try:
+                tenant = self._tenant_of(auth.decode("latin-1"))
+            except Problem:
+                tenant = None
+        self.refuse("too_large", tenant)
+
     async def answer(
-        self, rec: Record, wait: float, queued_status: int, *, durable: bool = False
+        self,
+        rec: Record,
+        wait: float,
+        queued_status: int,
+        *,
+        durable: bool = False,
+        fresh: bool = False,
     ) -> Response:
         """The record as JSON, after holding the request up to ``wait`` s while queued.
         ``durable``: the answer acknowledges a change, so it waits until the journal has
-        it (a grant is durable before its future resolves; a queued action may not be)."""
+        it (a grant is durable before its future resolves; a queued action may not be).
+        ``fresh``: the action was submitted by this request, which kicked a scheduling
+        round; the answer says what that round decided (granted, or still queued)."""
         fut = rec.future
+        if fresh and not fut.done():
+            # The round runs on the next loop iteration (Broker._kick: call_soon), before
+            # this task resumes, whatever else submitted meanwhile: the submits of one
+            # iteration still share one round. A grant is durable before it resolves.
+            await asyncio.sleep(0)
         if wait > 0 and not fut.done():
             # asyncio.wait never cancels the future: the action stays queued after a
             # timeout (cancelling it would make the broker drop a racing grant).

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tangram.config import ConfigError, load_config
@@ -52,6 +56,16 @@ bench_app = typer.Typer(
 )
 # Wide enough for the comparison table when output goes to a file or a pipe.
 console = Console(width=None if Console().is_terminal else 150)
+# Errors go to stderr, apart from the results.
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _finite(value: float | None) -> float | None:
+    """An option callback: ``nan`` and ``inf`` parse as floats but mean nothing here."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
 
 PolicyOpt = Annotated[
     list[str],
@@ -64,14 +78,25 @@ PolicyOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="pool configuration YAML (default: the workload's)"),
+    typer.Option(
+        "--config",
+        "-c",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+        help="pool configuration YAML (default: the workload's)",
+    ),
 ]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="directory for results.json and PNGs")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="random seed of the workload")]
+OutOpt = Annotated[
+    Path,
+    typer.Option("--out", "-o", file_okay=False, help="directory for results.json and PNGs"),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="random seed of the workload")]
 CapacityOpt = Annotated[
     int | None,
     typer.Option(
         "--capacity",
+        min=1,
         help="resize the first CPU/GPU pool (or --pool) to this many units, in whole nodes",
     ),
 ]
@@ -86,6 +111,7 @@ DurationErrorOpt = Annotated[
     typer.Option(
         "--duration-error",
         min=0.0,
+        callback=_finite,
         help="SIGMA: each action declares to the scheduler its true duration times "
         "exp(N(0, SIGMA)), drawn from an RNG apart from the workload's (same workload); "
         "execution follows the true duration. 0: declared durations are exact",
@@ -103,8 +129,53 @@ WORKLOAD_HELP = "one of: " + ", ".join(WORKLOADS)
 
 
 def _fail(msg: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {msg}")
+    err_console.print(f"[red]error:[/red] {escape(msg)}", highlight=False)
     return typer.Exit(2)
+
+
+def _need_plots(command: str) -> None:
+    """sim, replay and sweep draw PNGs with matplotlib (the ``bench`` extra): say so
+    before any simulation runs rather than fail after it."""
+    try:
+        spec = importlib.util.find_spec("matplotlib")
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None:  # no origin: a bare directory named so
+        err_console.print(
+            f"error: tangram bench {command} draws its plots with matplotlib, which is not "
+            "installed; install it with: pip install 'tangram-broker[bench]'",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+def _check_ref(ref: str | None, policies: list[str]) -> None:
+    if ref is not None and ref not in policies:
+        raise _fail(f"--ref {ref!r} is not one of the policies run ({', '.join(policies)})")
+
+
+def _check_out(out: Path, option: str = "--out") -> None:
+    """``out`` is created when the results are written, after the simulations: a place
+    where that cannot succeed is refused now. The nearest existing ancestor must be a
+    directory this user can write."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise _fail(f"{option} {out}: {probe} is not a directory this user can write")
+
+
+def _check_trace_path(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise _fail(f"--save-trace {path}: no directory {path.parent}")
+    if path is not None and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise _fail(f"--save-trace {path}: cannot write in {path.parent}")
+
+
+def _check_pool(pool: str | None, capacity: int | None) -> None:
+    if pool is not None and capacity is None:
+        raise _fail("--pool names the pool --capacity resizes; give --capacity too")
 
 
 def _pools(config: Path | None, workload: str | None) -> dict[str, Any]:
@@ -228,13 +299,15 @@ def sim(
     policy: PolicyOpt = ["tangram"],  # noqa: B006 (typer reads the default, never mutates it)
     config: ConfigOpt = None,
     batch: Annotated[
-        int | None, typer.Option("--batch", "-b", help="trajectories per step (default: paper's)")
+        int | None,
+        typer.Option("--batch", "-b", min=1, help="trajectories per step (default: paper's)"),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", "-s", help="RL steps", min=1)] = 1,
     seed: SeedOpt = 0,
     out: OutOpt = Path("bench-out"),
     save_trace: Annotated[
-        Path | None, typer.Option("--save-trace", help="write the generated workload as JSONL")
+        Path | None,
+        typer.Option("--save-trace", dir_okay=False, help="write the generated workload as JSONL"),
     ] = None,
     ref: Annotated[
         str | None,
@@ -250,6 +323,13 @@ def sim(
     bounds no policy can beat), write results."""
     _check_workload(workload)
     policies = _check_policies(policy)
+    _check_ref(ref, policies)
+    _check_pool(pool, capacity)
+    if hide_durations and duration_error > 0:
+        raise _fail("--hide-durations declares no duration; leave out --duration-error")
+    _check_out(out)
+    _check_trace_path(save_trace)
+    _need_plots("sim")
     pools = _resized(_pools(config, workload), pool, capacity)
     t0 = time.perf_counter()
     trajs = generate(workload, batch, steps, seed)
@@ -283,7 +363,16 @@ def sim(
 
 @bench_app.command("replay")
 def replay(
-    trace: Annotated[Path, typer.Argument(help="JSONL trace (see docs/trace-format.md)")],
+    trace: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            metavar="TRACE",
+            help="JSONL trace (see docs/trace-format.md)",
+        ),
+    ],
     policy: PolicyOpt = ["tangram"],  # noqa: B006
     config: ConfigOpt = None,
     workload: Annotated[
@@ -302,6 +391,12 @@ def replay(
     if workload is not None:
         _check_workload(workload)
     policies = _check_policies(policy)
+    _check_ref(ref, policies)
+    _check_pool(pool, capacity)
+    if hide_durations and duration_error > 0:
+        raise _fail("--hide-durations declares no duration; leave out --duration-error")
+    _check_out(out)
+    _need_plots("replay")
     pools = _resized(_pools(config, workload), pool, capacity)
     t0 = time.perf_counter()
     try:
@@ -338,7 +433,8 @@ def sweep(
     pool: PoolOpt = None,
     capacity: CapacityOpt = None,
     batch: Annotated[
-        int | None, typer.Option("--batch", "-b", help="batch when varying capacity")
+        int | None,
+        typer.Option("--batch", "-b", min=1, help="batch when varying capacity"),
     ] = None,
     config: ConfigOpt = None,
     steps: Annotated[int, typer.Option("--steps", "-s", min=1)] = 1,
@@ -361,6 +457,16 @@ def sweep(
         raise _fail("--values needs at least one positive number")
     if vary == "capacity" and capacity is not None:
         raise _fail("--capacity fixes the capacity; it cannot be combined with --vary capacity")
+    if vary == "batch" and batch is not None:
+        raise _fail(
+            "--batch is the batch when varying capacity; with --vary batch the batches are --values"
+        )
+    if vary == "batch":
+        _check_pool(pool, capacity)
+    if hide_durations and duration_error > 0:
+        raise _fail("--hide-durations declares no duration; leave out --duration-error")
+    _check_out(out)
+    _need_plots("sweep")
     pools = _resized(_pools(config, workload), pool, capacity)
     target = _target_pool(pools, pool)
     t0 = time.perf_counter()
@@ -479,14 +585,14 @@ def matrix_cmd(
     hide_durations: HideDurationsOpt = False,
     tolerance: Annotated[
         float,
-        typer.Option("--tolerance", min=0.0, help="relative slack of 'no worse'"),
+        typer.Option("--tolerance", min=0.0, callback=_finite, help="relative slack of 'no worse'"),
     ] = matrix.TOLERANCE,
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", min=1, help="simulations run in parallel (processes)")
     ] = 2,
-    out: Annotated[Path, typer.Option("--out", "-o", help="directory for matrix.json")] = Path(
-        "bench-out"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="directory for matrix.json")
+    ] = Path("bench-out"),
     check: CheckOpt = False,
 ) -> None:
     """Run a grid of cases (workload x batch x capacity x seed) under every policy and
@@ -497,6 +603,7 @@ def matrix_cmd(
     if hide_durations and duration_error > 0:
         raise _fail("--hide-durations declares no duration; leave out --duration-error")
     seed_list = [s for s in _ints(seeds, "--seeds", least=0) if s is not None] or [0]
+    _check_out(out)
     if preset is not None:
         if preset not in matrix.PRESETS:
             raise _fail(f"unknown --preset {preset!r}; choose from {', '.join(matrix.PRESETS)}")

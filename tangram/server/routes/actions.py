@@ -14,7 +14,7 @@ from tangram.server.problems import Problem
 from tangram.server.registry import Record
 from tangram.server.routes.common import Id, service
 from tangram.server.wire import action_json, respond, to_action
-from tangram.spec import QueueFull
+from tangram.spec import InvalidAction, QueueFull, Unavailable
 
 Wait = Annotated[
     float,
@@ -31,41 +31,59 @@ Wait = Annotated[
 # document as descriptions.
 
 
+# Why the HTTP layer refused a submit, by the answer's status (the core counts the
+# refusals it makes itself: invalid actions and full queues).
+REFUSALS = {401: "unauthorized", 409: "idempotency_key_reused", 422: "malformed"}
+
+
 async def submit(request: Request) -> Response:
     svc = service(request)
-    tenant = svc.tenant(request)
-    body = await parse.body(request, ActionIn, required=True)
-    assert body is not None
-    wait = parse.wait(request)
-    idempotency_key = parse.idempotency_key(request)
-    reg = svc.registry
-    fingerprint = None
-    if idempotency_key is not None:
-        fingerprint = parse.fingerprint(body)
-        old = reg.by_key.get((tenant, idempotency_key))
-        if old is not None:
-            # The validated bodies compare equal whatever the key order or spacing;
-            # the journal keeps the fingerprint, so this holds across restarts.
-            if old.action.fingerprint != fingerprint:
-                raise Problem(
-                    409,
-                    f"Idempotency-Key {idempotency_key!r} was used for a different "
-                    f"action ({old.action.id}); use a new key for a new action",
-                    kind="idempotency-key-reused",
-                )
-            return await svc.answer(old, wait, 202, durable=True)
-    action = to_action(body, tenant, idempotency_key)
+    tenant = None
+    try:
+        tenant = svc.tenant(request)
+        body = await parse.body(request, ActionIn, required=True)
+        assert body is not None
+        wait = parse.wait(request)
+        idempotency_key = parse.idempotency_key(request)
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = parse.fingerprint(body)
+            old = svc.registry.by_key.get((tenant, idempotency_key))
+            if old is not None:
+                # The validated bodies compare equal whatever the key order or spacing;
+                # the journal keeps the fingerprint, so this holds across restarts.
+                if old.action.fingerprint != fingerprint:
+                    raise Problem(
+                        409,
+                        f"Idempotency-Key {idempotency_key!r} was used for a different "
+                        f"action ({old.action.id}); use a new key for a new action",
+                        kind="idempotency-key-reused",
+                    )
+                return await svc.answer(old, wait, 202, durable=True)
+        action = to_action(body, tenant, idempotency_key)
+    except Problem as exc:
+        reason = REFUSALS.get(exc.status)
+        if reason is not None:
+            svc.refuse(reason, tenant)
+        raise
+    except InvalidAction as exc:
+        svc.refuse(exc.reason, tenant)
+        raise
     action.fingerprint = fingerprint
     try:
         fut = svc.broker.submit_nowait(action)  # InvalidAction: 422, nothing queued
     except QueueFull as exc:  # the tenant's bound or a pool's, counted by the core
         after = svc.settings.retry_after_seconds
         raise Problem(429, str(exc), headers={"Retry-After": str(after)}) from None
+    except Unavailable:  # the journal cannot write: refused before the core saw it
+        svc.refuse("unavailable", tenant)
+        raise
     key = (tenant, idempotency_key) if idempotency_key is not None else None
     rec = Record(action, tenant, body.trajectory, fut, key)
-    reg.add(rec)
-    # Durable before acknowledged: the id answered here survives a restart.
-    return await svc.answer(rec, wait, 202, durable=True)
+    svc.registry.add(rec)
+    # Durable before acknowledged: the id answered here survives a restart. Answered
+    # once the round this submit kicked has run: granted (200) when units were free.
+    return await svc.answer(rec, wait, 202, durable=True, fresh=True)
 
 
 async def get_action(request: Request, action_id: Id, wait: Wait = 0.0) -> Response:
@@ -102,8 +120,15 @@ def router(auth: tuple[int, ...]) -> APIRouter:
         response_model=ActionOut,
         summary="Submit an action",
         responses={
-            200: {"description": "granted (or ended already, for a retried submit)"},
-            202: {"model": ActionOut, "description": "queued; poll GET /v1/actions/{id}"},
+            200: {
+                "description": "granted by the scheduling round the submit triggered (or "
+                "during the long poll; or ended already, for a retried submit)"
+            },
+            202: {
+                "model": ActionOut,
+                "description": "queued after that round (and the long poll); poll "
+                "GET /v1/actions/{id}",
+            },
             **error_responses(*auth, 409, 422, 429, 503),
         },
         # Read by hand (parse.py), so declared here for the document.
