@@ -137,7 +137,10 @@ class LeaseTable:
         lease.expires_at = self._deadline.pop(lid)
         lease.state = state
         lease.ended_at = now
-        self._ended(lid, state, lease.expires_at, now)
+        ended = self.ended  # as _ended, inline: this runs on every release
+        ended[lid] = (state, lease.expires_at, now)
+        if len(ended) > ENDED_KEPT:
+            ended.popitem(last=False)
         if len(self._heap) > 2 * len(self.live) + 4096:
             # Released leases leave their entries behind until their deadline; at high
             # rates that is millions of them. Rebuild from the live leases instead.

@@ -223,11 +223,12 @@ class Core:
         entry = Entry(action, feasible)
         self.policy.prepare(entry)
         self._queue[action.id] = entry
-        self._queued_pools.update(action.demands.keys())
         tenant = action.tenant
         self._queued_by_tenant[tenant] += 1
+        queued, tenants = self._queued_pools, self._queued_tenants
         for p in action.demands:
-            self._queued_tenants[p, tenant] += 1
+            queued[p] += 1
+            tenants[p, tenant] += 1
         self._busy(action.trajectory)
         self.counts["submitted"] += 1
         for o in self.observers:

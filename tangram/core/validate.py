@@ -20,9 +20,13 @@ def validate(
     check_fields(action)
     check_demands(action, pools)
     key = key_of(action)
-    check_service(action, pools)
+    if action.service is not None:
+        check_service(action, pools)
     try:
-        return {p: pools[p].feasible(action, d) for p, d in action.demands.items()}, key
+        feasible = {}
+        for p, d in action.demands.items():
+            feasible[p] = pools[p].feasible(action, d)
+        return feasible, key
     except InvalidAction as exc:
         if exc.reason == "malformed":  # the pools refuse what they could never grant
             exc.reason = "never_fits"
@@ -63,8 +67,13 @@ def check_demands(action: Action, pools: Mapping[str, Manager]) -> None:
 def key_of(action: Action) -> str | None:
     """The pool whose amount sets the action's duration."""
     if action.key is None:
-        elastic = [p for p, d in action.demands.items() if d.elastic]
-        return elastic[0] if len(elastic) == 1 else None
+        found = None
+        for p, d in action.demands.items():
+            if d.max > d.min:  # Demand.elastic, inline: every submit passes here
+                if found is not None:
+                    return None  # two elastic demands: the action must name its key
+                found = p
+        return found
     if action.key not in action.demands:
         raise InvalidAction(
             f"key resource {action.key!r} is not among the demands "

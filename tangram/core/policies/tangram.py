@@ -203,12 +203,14 @@ class Tangram(Policy):
         now: float,
         deferred: set[str],
     ) -> None:
+        if self.paper is not None:
+            self.paper.arrange(admitted, waiting, scratches, now, deferred)
+        if not any(adm.entry.durations is not None for adm in admitted):
+            return  # nothing elastic to arrange (every round of fixed demands)
         groups: dict[tuple[str, Hashable], list[Admitted]] = {}
         for adm in admitted:
             for p, part in adm.parts.items():
                 groups.setdefault((p, part), []).append(adm)
-        if self.paper is not None:
-            self.paper.arrange(admitted, waiting, scratches, now, deferred)
         prices: dict[str, float] = {}
         for (pool, part), members in groups.items():
             if self._delegated(pool) or not any(_elastic_on(m.entry, pool) for m in members):
