@@ -265,6 +265,11 @@ class Broker:
     def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot(self.clock())
 
+    def why_waiting(self, action_id: str) -> dict[str, Any] | None:
+        """Why a queued action waits (``Core.why_waiting``); None if it is not queued.
+        ``ready_at`` is on this broker's clock."""
+        return self.core.why_waiting(action_id, self.clock())
+
     def lease(self, action: Action, *, timeout: float | None = None) -> LeaseContext[Action, Lease]:
         """``async with broker.lease(action) as lease:`` holds the units for the body and
         releases them on exit, also on exceptions and cancellation. The lease is kept

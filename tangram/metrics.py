@@ -51,19 +51,6 @@ ROUND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DOP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-# Families a manager exports under one name whose samples come in different units, split
-# into one family per unit (Prometheus: one unit per metric name). Family -> (the label
-# that tells the unit, {label value: family}, the family for every other value); the
-# label is dropped where a family holds one value of it only.
-SPLIT_BY_UNIT: dict[str, tuple[str, dict[str, str], str]] = {
-    "quota_available": ("limit", {"tokens": "quota_available_tokens"}, "quota_available_permits"),
-}
-SPLIT_DOCS = {
-    "quota_available_permits": "Permits a quota pool could grant now, per limit "
-    "(concurrency, window, rate).",
-    "quota_available_tokens": "Tokens a quota pool's tokens-per-minute bucket holds now.",
-}
-
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 Child = Callable[..., Any]
@@ -286,24 +273,10 @@ class _PoolCollector(Collector):
         # What each kind exports beyond that (its manager declares it), for every kind
         # registered, so a family is there even before a pool of its kind has a value.
         extra: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
-        # A split family: where its unit label is among its labels, and its families.
-        splits: dict[str, tuple[int, dict[str, str], str]] = {}
         for kind in kinds.KINDS.values():
             for fam in kind.manager.metrics:
                 cls = CounterMetricFamily if fam.type == "counter" else GaugeMetricFamily
-                split = SPLIT_BY_UNIT.get(fam.name)
-                if split is None:
-                    extra[fam.name] = cls(
-                        f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels]
-                    )
-                    continue
-                label, named, rest = split
-                at = fam.labels.index(label)
-                others = [x for x in fam.labels if x != label]
-                for name in named.values():
-                    extra[name] = cls(f"tangram_{name}", SPLIT_DOCS[name], labels=["pool", *others])
-                extra[rest] = cls(f"tangram_{rest}", SPLIT_DOCS[rest], labels=["pool", *fam.labels])
-                splits[fam.name] = (at, named, rest)
+                extra[fam.name] = cls(f"tangram_{fam.name}", fam.doc, labels=["pool", *fam.labels])
         queue_len = core.queued_per_pool()
         for name, mgr in core.pools.items():
             mgr.tick(now)
@@ -315,13 +288,6 @@ class _PoolCollector(Collector):
                 idle.add_metric(lv, mgr.idle_seconds.get(node, 0.0))
             queued.add_metric([name, mgr.kind], queue_len.get(name, 0))
             for family, values, value in mgr.samples(now):
-                if family in splits:
-                    at, named, rest = splits[family]
-                    unit = named.get(values[at])
-                    if unit is not None:
-                        family, values = unit, (*values[:at], *values[at + 1 :])
-                    else:
-                        family = rest
                 extra[family].add_metric([name, *values], value)
         active = GaugeMetricFamily("tangram_leases_active", "Leases held now.")
         active.add_metric([], len(core.leases))

@@ -65,7 +65,14 @@ async def test_submit_without_wait_answers_202_while_queued(http):
     first = await grant(http, api("q1"))
     r = await http.post("/v1/actions", json=api("q2"))
     assert r.status_code == 202
-    assert r.json() == {"id": r.json()["id"], "state": "queued", "trajectory": "q2"}
+    body = r.json()
+    waiting = body.pop("waiting")
+    assert body == {"id": body["id"], "state": "queued", "trajectory": "q2"}
+    assert (waiting["pool"], waiting["reason"], waiting["limit"]) == (
+        "api",
+        "insufficient_units",
+        "concurrency",
+    )
     await release(http, first["lease"]["id"])
     r2 = await http.get(f"/v1/actions/{r.json()['id']}", params={"wait": 5})
     assert r2.json()["state"] == "granted"
@@ -364,6 +371,34 @@ async def test_openapi_describes_every_endpoint(http):
     assert set(post["responses"]) == {"200", "202", "409", "422", "429", "503"}
     assert "application/problem+json" in post["responses"]["422"]["content"]
     assert "securitySchemes" not in doc.get("components", {})  # no tenants here
+
+
+async def test_openapi_operation_ids_tags_and_submit_example(http):
+    doc = (await http.get("/openapi.json")).json()
+    ops = {op["operationId"]: op for ops in doc["paths"].values() for op in ops.values()}
+    assert set(ops) == {
+        "submitAction",
+        "getAction",
+        "cancelAction",
+        "heartbeatLease",
+        "releaseLease",
+        "closeTrajectory",
+        "getPools",
+        "liveness",
+        "readiness",
+    }
+    tags = [t["name"] for t in doc["tags"]]
+    assert tags == ["actions", "leases", "trajectories", "pools", "health"]
+    assert all(len(op["tags"]) == 1 and op["tags"][0] in tags for op in ops.values())
+    assert ops["releaseLease"]["tags"] == ["leases"]
+    examples = ops["submitAction"]["requestBody"]["content"]["application/json"]["examples"]
+    for ex in examples.values():  # every example is a body the server takes
+        r = await http.post("/v1/actions", json=ex["value"])
+        assert r.status_code in (200, 202), r.text
+        if r.status_code == 200:
+            await release(http, r.json()["lease"]["id"])
+        else:
+            assert (await http.delete(f"/v1/actions/{r.json()['id']}")).status_code == 200
 
 
 async def test_an_app_can_serve_a_broker_shared_with_another_door():

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from tangram.cli import app
+from tangram.sim import report
+from tangram.sim.run import act_series, simulate
+from tangram.sim.workloads import WORKLOADS, generate
 
 runner = CliRunner()
 
@@ -95,7 +99,7 @@ def test_bad_arguments_say_what_is_wrong(args: list[str], message: str, tmp_path
     assert message in res.output
 
 
-@pytest.mark.parametrize("cmd", ["sim", "replay", "sweep", "workloads"])
+@pytest.mark.parametrize("cmd", ["sim", "replay", "sweep", "matrix", "workloads"])
 def test_every_command_has_help(cmd: str) -> None:
     res = runner.invoke(app, ["bench", cmd, "--help"])
     assert res.exit_code == 0
@@ -113,3 +117,74 @@ def test_an_action_the_pools_cannot_serve_is_named(tmp_path: Path) -> None:
     )
     assert res.exit_code == 2
     assert "trajectory t0, action 1: unknown pool 'tpu'" in res.output
+
+
+def _json_stdout(args: list[str]) -> dict[str, Any]:
+    """Run ``tangram bench ARGS --json``: stdout must be exactly one JSON document."""
+    res = runner.invoke(app, ["bench", *args, "--json"])
+    assert res.exit_code == 0, res.output
+    doc: dict[str, Any] = json.loads(res.stdout)
+    return doc
+
+
+def test_json_prints_only_the_results_on_stdout(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    doc = _json_stdout(["sim", "-w", "coding", "-b", "8", "-p", "tangram", "-p", "min",
+                        "--out", str(out), "--save-trace", str(tmp_path / "w.jsonl")])  # fmt: skip
+    assert doc == json.loads((out / "results.json").read_text())
+    assert set(doc["policies"]) == {"tangram", "min"}
+    doc = _json_stdout(["replay", str(tmp_path / "w.jsonl"), "-w", "coding",
+                        "--out", str(tmp_path / "replay")])  # fmt: skip
+    assert doc == json.loads((tmp_path / "replay" / "results.json").read_text())
+    doc = _json_stdout(["sweep", "-w", "coding", "--values", "4,8", "-p", "tangram",
+                        "--out", str(tmp_path / "sweep")])  # fmt: skip
+    assert [p["batch"] for p in doc["points"]] == [4, 8]
+    assert doc == json.loads((tmp_path / "sweep" / "results.json").read_text())
+    doc = _json_stdout(["workloads"])
+    assert doc["coding"]["parameters"]["batch"]["value"] == 1280
+    assert doc["coding"]["parameters"]["batch"]["source"] == "paper"
+    assert doc["coding"]["parameters"]["turns_min"]["source"] == "assumed"
+    assert doc["mixed"]["pools"] and "baseline k8s-pod" in doc
+
+
+def test_workloads_prints_a_table_of_parameters_and_sources() -> None:
+    res = runner.invoke(app, ["bench", "workloads"])
+    assert res.exit_code == 0, res.output
+    assert "{" not in res.stdout  # no Python dicts
+    for word in ("workload", "parameter", "value", "source", "turns_min", "assumed", "paper"):
+        assert word in res.stdout, word
+
+
+def test_sweep_ends_with_a_summary_of_every_point(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app,
+        ["bench", "sweep", "-w", "coding", "--values", "4,8", "-p", "tangram", "-p", "min",
+         "--ref", "min", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = res.stdout[res.stdout.index("coding, sweep over batch") :]
+    assert "ACT / min ACT" in summary and "step / min step" in summary
+    assert summary.count("1.00x") >= 4  # min against itself at both points, ACT and step
+
+
+def test_every_plot_has_a_title_axis_labels_and_a_legend(tmp_path: Path) -> None:
+    trajs = generate("coding", 6, 1, 0)
+    pools = WORKLOADS["coding"].pools
+    results, series = {}, {}
+    for pol in ("tangram", "min"):
+        res, run = simulate(trajs, pools, pol, seed=0)
+        results[pol], series[pol] = res, act_series(run)
+    figures = [
+        report.plot_act_over_time(series, tmp_path / "a.png", title="coding, batch 6"),
+        report.plot_act_split(results, tmp_path / "b.png", title="coding, batch 6"),
+        report.plot_sweep([4.0, 8.0], {"tangram": [1.0, 2.0]}, "batch size", tmp_path / "c.png"),
+    ]
+    import matplotlib
+
+    assert matplotlib.get_backend().lower() == "agg"
+    for fig in figures:
+        (ax,) = fig.axes
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), fig
+        assert ax.get_legend() is not None and ax.get_legend().get_texts()
+    assert "(s)" in figures[0].axes[0].get_xlabel()  # units
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("a.png", "b.png", "c.png"))

@@ -336,3 +336,16 @@ def test_valid_trajectories_per_hour_leaves_out_the_voided() -> None:
             valid * 3600 / sum(res["step_durations_s"])
         )
     assert res["valid_trajectories_per_hour"] == pytest.approx(3 * 3600 / 2100)
+
+
+def test_matrix_json_prints_what_matrix_json_holds_and_nothing_else(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app,
+        ["bench", "matrix", "-w", "coding", "-b", "8", "--capacity", "64", "-p", "fixed:2",
+         "--jobs", "1", "--out", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc == json.loads((tmp_path / "matrix.json").read_text())
+    assert doc["summary"]["cases"] == len(doc["cases"]) == 1
+    assert "tangram *" in res.stderr  # the table went to stderr

@@ -383,6 +383,82 @@ class Core:
     def is_queued(self, action_id: str) -> bool:
         return action_id in self._queue
 
+    def why_waiting(self, action_id: str, now: float) -> dict[str, Any] | None:
+        """Why a queued action is not granted, from the state now (None if it is not
+        queued): which pool holds it and why, in words (``message``) and as fields
+        (``pool``, ``reason``, and what the pool's manager adds: ``node``, ``needs``,
+        ``free``, ``limit``, ``ready_at``; ``ahead``: earlier waiters competing for the
+        same units). Read only: it reserves nothing and changes no decision. Reasons:
+        ``held_after_restart`` (``hold_until``), a manager's (``insufficient_units``,
+        ``rate_limited``, ``memory``, ...), ``behind_earlier_action`` (its units are free
+        but earlier waiters come first, FCFS), ``next_round`` (nothing holds it now: the
+        next round admits it, unless the arrangement defers it)."""
+        entry = self._queue.get(action_id)
+        if entry is None:
+            return None
+        if self.hold_until is not None and now < self.hold_until:
+            return {
+                "reason": "held_after_restart",
+                "message": "nothing is granted until "
+                f"{self.hold_until - now:.3g} s from now: after a restart the journal may "
+                "have lost leases that are still held",
+                "ready_at": self.hold_until,
+            }
+        action = entry.action
+        ahead = self._ahead(entry)
+        first: dict[str, Any] | None = None
+        for p in action.demands:
+            mgr = self.pools[p]
+            amount = self.policy.key_amount(entry) if p == action.key else entry.feasible[p][0]
+            why = mgr.why(action, amount, now)
+            if why is None:
+                continue
+            n = self._competing(mgr, ahead.get(p, ()), why.get("node"))
+            out = {"pool": p, **why, "ahead": n}
+            if n:
+                where = " on that node" if "node" in why else ""
+                out["message"] += f"; {n} earlier action{'s' if n != 1 else ''} wait{where}"
+            if first is None:
+                first = out
+        if first is not None:
+            return first
+        for p in action.demands:
+            mgr = self.pools[p]
+            n = self._competing(mgr, ahead.get(p, ()), mgr.pin_of(action.trajectory))
+            if n:
+                return {
+                    "pool": p,
+                    "reason": "behind_earlier_action",
+                    "message": f"pool {p!r} has the {mgr.unit} it needs free, but "
+                    f"{n} earlier action{'s' if n != 1 else ''} waiting for it come first (FCFS)",
+                    "ahead": n,
+                }
+        return {
+            "reason": "next_round",
+            "message": "its units are free and no earlier action waits for them: the next "
+            "scheduling round admits it, unless the arrangement defers it",
+        }
+
+    def _ahead(self, entry: Entry) -> dict[str, list[Action]]:
+        """The queued actions before ``entry`` (FCFS) per pool it demands."""
+        mine = entry.action.demands
+        out: dict[str, list[Action]] = {}
+        for other in self._queue.values():
+            if other is entry:
+                break
+            for p in other.action.demands:
+                if p in mine:
+                    out.setdefault(p, []).append(other.action)
+        return out
+
+    @staticmethod
+    def _competing(mgr: Manager, ahead: Iterable[Action], node: str | None) -> int:
+        """How many of ``ahead`` compete for the units of ``node`` (all, without one):
+        those pinned there, and new trajectories, which may go anywhere."""
+        if node is None:
+            return sum(1 for _ in ahead)
+        return sum(1 for a in ahead if mgr.pin_of(a.trajectory) in (node, None))
+
     def queued_per_pool(self) -> dict[str, int]:
         """How many queued actions demand each pool."""
         return {p: n for p, n in self._queued_pools.items() if n > 0}

@@ -40,6 +40,7 @@ def create_app(
         version="1",
         description="Lease pooled units (CPU cores, GPU chunks, API permits) for single "
         "actions of RL trajectories. Errors are RFC 9457 problem details.",
+        openapi_tags=openapi.TAGS,
         lifespan=_lifespan(svc, on_stop),
         **_NO_TELEMETRY,
     )

@@ -150,11 +150,35 @@ class LeaseOut(BaseModel):
 State = Literal["queued", "granted", "released", "expired", "cancelled"]
 
 
+class WaitingOut(BaseModel):
+    """Why a queued action is not granted yet, from the broker's state at the answer."""
+
+    model_config = ConfigDict(extra="allow")
+    reason: str = Field(
+        ...,
+        description="insufficient_units, rate_limited, memory, behind_earlier_action, "
+        "held_after_restart or next_round",
+    )
+    message: str = Field(..., description="the same in words")
+    pool: str | None = Field(None, description="the pool that holds it")
+    node: str | None = Field(None, description="the node (CPU) that holds it")
+    limit: str | None = Field(
+        None, description="the quota limit: concurrency, window, rate or tokens"
+    )
+    needs: float | None = Field(None, description="units (or tokens) it needs there")
+    free: float | None = Field(None, description="units (or tokens) free there now")
+    ahead: int | None = Field(None, description="earlier queued actions competing for them")
+    ready_at: float | None = Field(
+        None, description="Unix time at which time alone lets it be admitted (a quota refill)"
+    )
+
+
 class ActionOut(BaseModel):
     id: str
     state: State
     trajectory: str
     lease: LeaseOut | None = Field(None, description="present once granted")
+    waiting: WaitingOut | None = Field(None, description="present while queued: why it waits")
 
 
 class LeaseStateOut(BaseModel):

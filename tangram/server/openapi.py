@@ -30,6 +30,29 @@ _WHY = {
 }
 
 
+# One tag per concept of docs/http-api.md, in the order /docs lists them.
+TAGS: list[dict[str, Any]] = [
+    {
+        "name": "actions",
+        "description": "Submit an action (one external call of a trajectory), read its "
+        "state and lease with a long poll, or cancel it while queued. A queued action says "
+        "why it waits.",
+    },
+    {
+        "name": "leases",
+        "description": "Keep a granted lease alive (heartbeat) and give its units back "
+        "(release, idempotent).",
+    },
+    {
+        "name": "trajectories",
+        "description": "Close a trajectory: free its pinned node and memory, cancel its "
+        "queued actions.",
+    },
+    {"name": "pools", "description": "Capacity, use, queue length and topology per pool."},
+    {"name": "health", "description": "Liveness and readiness; no token needed."},
+]
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ProblemOut, "description": _WHY[code]} for code in codes}
 
@@ -43,6 +66,7 @@ def install(app: FastAPI, *, bearer: bool) -> None:
             version=app.version,
             description=app.description,
             routes=app.routes,
+            tags=app.openapi_tags,
         )
         # The bodies the hot endpoints read by hand (parse.py) are not known to FastAPI.
         _, defs = models_json_schema(

@@ -99,6 +99,12 @@ KEY_PARAM: dict[str, Any] = {
 }
 
 
-def body_spec(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"required": required, "content": {"application/json": {"schema": ref}}}
+def body_spec(
+    model: type[BaseModel], *, required: bool, examples: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The OpenAPI request body of a model read by hand; ``examples``: name -> an
+    OpenAPI Example object (``summary``, ``value``)."""
+    media: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    if examples:
+        media["examples"] = examples
+    return {"required": required, "content": {"application/json": media}}

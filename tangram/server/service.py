@@ -144,7 +144,8 @@ class Service:
             await self.broker.sync()
         self.registry.settle(rec)
         status = queued_status if rec.state == "queued" else 200
-        return respond(action_json(rec, self.wall), status)
+        waiting = self.broker.why_waiting(rec.action.id) if rec.state == "queued" else None
+        return respond(action_json(rec, self.wall, waiting), status)
 
     def record(self, action_id: str, tenant: str | None) -> Record:
         rec = self.registry.get(action_id, tenant)

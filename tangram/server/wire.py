@@ -30,10 +30,16 @@ def lease_json(lease: Lease, wall: float) -> dict[str, Any]:
     return wire.lease_http(lease, wall)
 
 
-def action_json(rec: Record, wall: float) -> dict[str, Any]:
+def action_json(rec: Record, wall: float, waiting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``waiting``: why a queued action waits (``Broker.why_waiting``), its ``ready_at``
+    on the broker's clock (turned into Unix time here)."""
     out: dict[str, Any] = {"id": rec.action.id, "state": rec.state, "trajectory": rec.trajectory}
     if rec.lease is not None:
         out["lease"] = lease_json(rec.lease, wall)
+    if waiting is not None and rec.state == "queued":
+        if "ready_at" in waiting:
+            waiting = {**waiting, "ready_at": waiting["ready_at"] + wall}
+        out["waiting"] = waiting
     return out
 
 

@@ -4,25 +4,33 @@ Commands: ``sim`` (a generated workload), ``replay`` (a JSONL trace), ``sweep`` 
 batch size or pool capacity), ``matrix`` (a grid of workloads, batches, capacities and
 seeds against fixed parallelism; tangram/sim/matrix.py), ``workloads`` (list the
 workloads and their parameters). Each writes ``results.json`` (``matrix``:
-``matrix.json``) into ``--out`` and prints a comparison table.
+``matrix.json``) into ``--out`` and prints a comparison table; with ``--json`` stdout
+carries only that document (``workloads``: the parameters), everything else goes to
+stderr. Progress bars go to stderr and vanish when done.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
+import inspect
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from tangram.config import ConfigError, load_config
 from tangram.sim import matrix, report
@@ -56,8 +64,46 @@ bench_app = typer.Typer(
 )
 # Wide enough for the comparison table when output goes to a file or a pipe.
 console = Console(width=None if Console().is_terminal else 150)
-# Errors go to stderr, apart from the results.
+# Errors and progress bars go to stderr, apart from the results.
 err_console = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _json_aware(fn: F) -> F:
+    """A command with a ``json_out`` (``--json``) option: while it runs, everything
+    ``console`` prints goes to stderr, so that stdout carries only the JSON document."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = console.stderr
+        console.stderr = before or bool(kwargs.get("json_out"))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            console.stderr = before
+
+    return cast(F, wrapper)
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    """The one document ``--json`` prints: the text written to results.json/matrix.json."""
+    typer.echo(report.dumps(payload), nl=False)
+
+
+@contextmanager
+def _progress(quiet: bool = False) -> Iterator[Progress]:
+    """The progress display of every command, on stderr, gone when it ends."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet,
+    ) as prog:
+        yield prog
 
 
 def _finite(value: float | None) -> float | None:
@@ -123,6 +169,14 @@ HideDurationsOpt = Annotated[
         "--hide-durations",
         help="actions declare no duration at all (efficiency curves stay known): the "
         "scheduler has only what it observes",
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="print only the results (what results.json holds) as one JSON document on "
+        "stdout; tables and messages go to stderr",
     ),
 ]
 WORKLOAD_HELP = "one of: " + ", ".join(WORKLOADS)
@@ -247,19 +301,14 @@ def run_policies(
     seed: int,
     check: bool,
     quiet: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Each policy over ``trajs``, one progress bar each (in ``progress``, a display
+    the caller holds, or one of their own)."""
     results: dict[str, dict[str, Any]] = {}
     series = {}
     total = sum(len(t.actions) for t in trajs)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=quiet,
-    ) as prog:
+    with nullcontext(progress) if progress is not None else _progress(quiet) as prog:
         for pol in policies:
             task = prog.add_task(f"{pol:>10}", total=total)
 
@@ -270,7 +319,7 @@ def run_policies(
                 res, runner = simulate(trajs, pools, pol, seed=seed, check=check, progress=tick)
             except (ValueError, ConfigError, SimulationStuck, TangramError) as exc:
                 raise _fail(f"policy {pol}: {exc}") from None
-            prog.update(task, completed=total)
+            prog.remove_task(task)
             results[pol] = res
             series[pol] = act_series(runner)
             if not quiet:
@@ -285,15 +334,20 @@ def _write(
     meta: dict[str, Any],
     results: dict[str, dict[str, Any]],
     series: dict[str, Any],
-) -> None:
+    title: str,
+) -> dict[str, Any]:
+    """Write results.json and the plots; return what results.json holds."""
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(out / "results.json", {**meta, "policies": results})
-    report.plot_act_over_time(series, out / "act_over_time.png")
-    report.plot_act_split(results, out / "act_split.png")
+    payload = {**meta, "policies": results}
+    report.write_json(out / "results.json", payload)
+    report.plot_act_over_time(series, out / "act_over_time.png", title=title)
+    report.plot_act_split(results, out / "act_split.png", title=title)
     console.print(f"wrote {out / 'results.json'}, act_over_time.png, act_split.png")
+    return payload
 
 
 @bench_app.command("sim")
+@_json_aware
 def sim(
     workload: Annotated[str, typer.Option("--workload", "-w", help=WORKLOAD_HELP)] = "coding",
     policy: PolicyOpt = ["tangram"],  # noqa: B006 (typer reads the default, never mutates it)
@@ -318,6 +372,7 @@ def sim(
     check: CheckOpt = False,
     duration_error: DurationErrorOpt = 0.0,
     hide_durations: HideDurationsOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Generate a workload and run it under each policy; print a table (with the lower
     bounds no policy can beat), write results."""
@@ -343,11 +398,8 @@ def sim(
         f"{sum(len(t.actions) for t in trajs)} actions, busy fraction {bf:.2f} at minimum"
     )
     results, series = run_policies(trajs, pools, policies, seed, check)
-    console.print(
-        report.table(
-            results, f"{workload}, batch {batch or WORKLOADS[workload].batch}", ref or policies[0]
-        )
-    )
+    title = f"{workload}, batch {batch or WORKLOADS[workload].batch}"
+    console.print(report.table(results, title, ref or policies[0]))
     meta = {
         "workload": workload,
         "batch": batch or WORKLOADS[workload].batch,
@@ -357,11 +409,14 @@ def sim(
         **_declared_meta(duration_error, hide_durations),
         "pools": pools,
     }
-    _write(out, meta, results, series)
+    payload = _write(out, meta, results, series, title)
     console.print(f"total wall time {time.perf_counter() - t0:.2f} s")
+    if json_out:
+        _emit_json(payload)
 
 
 @bench_app.command("replay")
+@_json_aware
 def replay(
     trace: Annotated[
         Path,
@@ -386,6 +441,7 @@ def replay(
     check: CheckOpt = False,
     duration_error: DurationErrorOpt = 0.0,
     hide_durations: HideDurationsOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Replay a recorded trace under each policy; print a table, write results."""
     if workload is not None:
@@ -410,7 +466,8 @@ def replay(
         f"{sum(len(t.actions) for t in trajs)} actions, busy fraction {bf:.2f} at minimum"
     )
     results, series = run_policies(trajs, pools, policies, seed, check)
-    console.print(report.table(results, f"replay {trace.name}", ref or policies[0]))
+    title = f"replay {trace.name}"
+    console.print(report.table(results, title, ref or policies[0]))
     meta = {
         "trace": str(trace),
         "seed": seed,
@@ -418,11 +475,14 @@ def replay(
         **_declared_meta(duration_error, hide_durations),
         "pools": pools,
     }
-    _write(out, meta, results, series)
+    payload = _write(out, meta, results, series, title)
     console.print(f"total wall time {time.perf_counter() - t0:.2f} s")
+    if json_out:
+        _emit_json(payload)
 
 
 @bench_app.command("sweep")
+@_json_aware
 def sweep(
     workload: Annotated[str, typer.Option("--workload", "-w", help=WORKLOAD_HELP)] = "coding",
     policy: PolicyOpt = ["tangram"],  # noqa: B006
@@ -440,13 +500,21 @@ def sweep(
     steps: Annotated[int, typer.Option("--steps", "-s", min=1)] = 1,
     seed: SeedOpt = 0,
     out: OutOpt = Path("bench-out"),
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="policy the ratios are taken against (default: first)"),
+    ] = None,
     check: CheckOpt = False,
     duration_error: DurationErrorOpt = 0.0,
     hide_durations: HideDurationsOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Vary batch size or pool capacity; plot mean ACT per policy (the scalability figure)."""
+    """Vary batch size or pool capacity; plot mean ACT per policy (the scalability
+    figure); end with a table of every point's ACT and step time per policy."""
     _check_workload(workload)
     policies = _check_policies(policy)
+    _check_ref(ref, policies)
+    ref = ref or policies[0]
     if vary not in ("batch", "capacity"):
         raise _fail("--vary is batch or capacity")
     try:
@@ -484,21 +552,25 @@ def sweep(
         if vary == "capacity"
         else None
     )
-    for x in xs:
-        if vary == "batch":
-            trajs = _declared(
-                generate(workload, x, steps, seed), duration_error, hide_durations, seed
-            )
-            cfg = pools
-        else:
-            assert fixed_trajs is not None
-            trajs, cfg = fixed_trajs, sized[x]
-        console.print(f"[bold]{vary} = {x}[/bold]")
-        results, _ = run_policies(trajs, cfg, policies, seed, check)
-        console.print(report.table(results, f"{workload}, {vary} {x}", policies[0]))
-        points.append({vary: x, "policies": results})
-        for p in policies:
-            curves[p].append(results[p]["act_mean_s"])
+    with _progress() as prog:
+        overall = prog.add_task(f"{vary} points", total=len(xs))
+        for x in xs:
+            if vary == "batch":
+                trajs = _declared(
+                    generate(workload, x, steps, seed), duration_error, hide_durations, seed
+                )
+                cfg = pools
+            else:
+                assert fixed_trajs is not None
+                trajs, cfg = fixed_trajs, sized[x]
+            prog.update(overall, description=f"{vary} = {x}")
+            console.print(f"[bold]{vary} = {x}[/bold]")
+            results, _ = run_policies(trajs, cfg, policies, seed, check, progress=prog)
+            console.print(report.table(results, f"{workload}, {vary} {x}", ref))
+            points.append({vary: x, "policies": results})
+            for p in policies:
+                curves[p].append(results[p]["act_mean_s"])
+            prog.advance(overall)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "workload": workload,
@@ -510,11 +582,21 @@ def sweep(
         **_declared_meta(duration_error, hide_durations),
         "pools": pools,
     }
-    report.write_json(out / "results.json", {**meta, "points": points})
+    payload = {**meta, "points": points}
+    report.write_json(out / "results.json", payload)
     label = "batch size (trajectories per step)" if vary == "batch" else f"units of pool {target}"
-    report.plot_sweep([float(x) for x in xs], curves, label, out / "sweep.png")
+    report.plot_sweep(
+        [float(x) for x in xs],
+        curves,
+        label,
+        out / "sweep.png",
+        title=f"{workload}: mean ACT by {'batch size' if vary == 'batch' else 'capacity'}",
+    )
+    console.print(report.sweep_table(vary, points, f"{workload}, sweep over {vary}", ref))
     console.print(f"wrote {out / 'results.json'}, sweep.png")
     console.print(f"total wall time {time.perf_counter() - t0:.2f} s")
+    if json_out:
+        _emit_json(payload)
 
 
 def _ints(text: str, option: str, *, default_ok: bool = False, least: int = 1) -> list[int | None]:
@@ -532,6 +614,7 @@ def _ints(text: str, option: str, *, default_ok: bool = False, least: int = 1) -
 
 
 @bench_app.command("matrix")
+@_json_aware
 def matrix_cmd(
     workload: Annotated[
         list[str], typer.Option("--workload", "-w", help=f"repeatable; {WORKLOAD_HELP}")
@@ -594,6 +677,14 @@ def matrix_cmd(
         Path, typer.Option("--out", "-o", file_okay=False, help="directory for matrix.json")
     ] = Path("bench-out"),
     check: CheckOpt = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="print only what matrix.json holds, as one JSON document on stdout, "
+            "instead of the summary line; tables and messages go to stderr",
+        ),
+    ] = False,
 ) -> None:
     """Run a grid of cases (workload x batch x capacity x seed) under every policy and
     print, per case, each policy's ACT / step time, the best fixed K on each metric (in
@@ -641,20 +732,23 @@ def matrix_cmd(
     )
     t0 = time.perf_counter()
     done = [0]
+    with _progress() as prog:
+        task = prog.add_task("cases", total=len(cases))
 
-    def on_case(i: int, entry: dict[str, Any]) -> None:
-        done[0] += 1
-        walls = sum(r.get("wall_s", 0.0) for r in entry["policies"].values())
-        console.print(
-            f"  {entry['case']}: done ({done[0]}/{len(cases)}, {walls:.1f} s of simulation, "
-            f"{time.perf_counter() - t0:.0f} s elapsed)"
-        )
+        def on_case(i: int, entry: dict[str, Any]) -> None:
+            done[0] += 1
+            prog.advance(task)
+            walls = sum(r.get("wall_s", 0.0) for r in entry["policies"].values())
+            console.print(
+                f"  {entry['case']}: done ({done[0]}/{len(cases)}, {walls:.1f} s of "
+                f"simulation, {time.perf_counter() - t0:.0f} s elapsed)"
+            )
 
-    entries = matrix.run_matrix(cases, policies, settings, jobs, on_case)
+        entries = matrix.run_matrix(cases, policies, settings, jobs, on_case)
     wall = time.perf_counter() - t0
     summary = matrix.summarise(entries, default, tolerance)
     # Natural width when writing to a file or a pipe: one row per case, never wrapped.
-    wide = console if console.is_terminal else Console(width=400)
+    wide = console if console.is_terminal else Console(width=400, stderr=console.stderr)
     wide.print(matrix.table(entries, policies, default, tolerance, extra))
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -669,28 +763,121 @@ def matrix_cmd(
         "jobs": jobs,
         "wall_s": wall,
     }
-    report.write_json(out / "matrix.json", {**meta, "summary": summary, "cases": entries})
+    payload = {**meta, "summary": summary, "cases": entries}
+    report.write_json(out / "matrix.json", payload)
     console.print(f"wrote {out / 'matrix.json'}; total wall time {wall:.2f} s")
-    typer.echo(json.dumps(summary))
+    if json_out:
+        _emit_json(payload)
+    else:
+        typer.echo(json.dumps(summary))
 
 
-@bench_app.command("workloads")
-def workloads() -> None:
-    """List the workloads and baselines with their parameters (see tangram/sim/workloads.py
-    and tangram/sim/baselines/ for the paper fact or assumption behind each)."""
-    for name, params in (
+_FIELD = re.compile(r"^\s+(\w+): [^=]+=[^#]*?(?:#\s*(.*))?$")
+
+
+def _notes(cls: type) -> dict[str, str]:
+    """Each field of the dataclass ``cls`` (and of its bases) with the comment that gives
+    its source in the code: its own trailing comment, else the last one above it (a
+    comment block, or the trailing comment of the field before it)."""
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):  # subclasses' comments win
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        current: list[str] = []
+        in_block = False
+        for line in lines[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                current = [*current, text.lstrip("# ")] if in_block else [text.lstrip("# ")]
+                in_block = True
+                continue
+            in_block = False
+            m = _FIELD.match(line)
+            if m is None:
+                if not text or text.startswith(("def ", "@", '"""')):
+                    current = []
+                continue
+            if m.group(2):
+                current = [m.group(2).strip()]
+            notes[m.group(1)] = " ".join(current)
+    return notes
+
+
+def _source(note: str) -> str:
+    """Where a parameter comes from, in a word: the paper, an assumption, or whatever the
+    note cites."""
+    low = note.lower()
+    if "assumed" in low:
+        return "assumed"
+    if low.startswith("paper") or "paper:" in low or "(paper)" in low:
+        return "paper"
+    return "see note" if note else ""
+
+
+def _params() -> list[tuple[str, Any]]:
+    return [
         ("coding", CodingParams()),
         ("coding-short", CodingShortParams()),
         ("coding-long", CodingLongParams()),
         ("deepsearch", DeepSearchParams()),
         ("mopd", MopdParams()),
-    ):
-        console.print(f"[bold]{name}[/bold]: {dataclasses.asdict(params)}")
-        console.print(f"  pools: {list(WORKLOADS[name].pools['pools'])}")
-    console.print("[bold]mixed[/bold]: mopd and deepsearch, half the batch each, one GPU pool")
-    for name, base in (
-        ("k8s-pod", PodParams()),
-        ("static", StaticParams()),
-        ("naive-api", NaiveApiParams()),
-    ):
-        console.print(f"[bold]baseline {name}[/bold]: {dataclasses.asdict(base)}")
+        ("baseline k8s-pod", PodParams()),
+        ("baseline static", StaticParams()),
+        ("baseline naive-api", NaiveApiParams()),
+    ]
+
+
+MIXED = "mopd and deepsearch, half the batch each, one GPU pool"
+
+
+@bench_app.command("workloads")
+def workloads(
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="print the parameters (with their source and default pools) as one JSON "
+            "document instead of the table",
+        ),
+    ] = False,
+) -> None:
+    """List the workloads and baselines with their parameters and where each comes from:
+    the paper, or "assumed" where the paper is silent (the notes are the comments in
+    tangram/sim/workloads.py and tangram/sim/baselines/)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, params in _params():
+        notes = _notes(type(params))
+        fields = {
+            k: {"value": v, "source": _source(notes.get(k, "")), "note": notes.get(k, "")}
+            for k, v in dataclasses.asdict(params).items()
+        }
+        entry: dict[str, Any] = {"parameters": fields}
+        if name in WORKLOADS:
+            entry["pools"] = list(WORKLOADS[name].pools["pools"])
+        rows[name] = entry
+    mixed = {"parameters": {}, "pools": list(WORKLOADS["mixed"].pools["pools"]), "note": MIXED}
+    rows = {**dict(list(rows.items())[:5]), "mixed": mixed, **dict(list(rows.items())[5:])}
+    if json_out:
+        typer.echo(report.dumps(rows), nl=False)
+        return
+    t = Table(title="workloads and baselines (tangram bench -w NAME, -p NAME)")
+    for col in ("workload", "parameter", "value", "source", "note"):
+        t.add_column(col, overflow="fold")
+    for name, entry in rows.items():
+        first = True
+        if "pools" in entry:
+            t.add_row(name, "default pools", ", ".join(entry["pools"]), "", entry.get("note", ""))
+            first = False
+        for key, f in entry["parameters"].items():
+            t.add_row(
+                name if first else "",
+                key,
+                f"{f['value']:g}" if isinstance(f["value"], float) else str(f["value"]),
+                f["source"],
+                f["note"],
+            )
+            first = False
+        t.add_section()
+    console.print(t)

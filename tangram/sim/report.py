@@ -77,14 +77,44 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "-"
 
 
+def sweep_table(vary: str, points: list[dict[str, Any]], title: str, ref: str) -> Table:
+    """The end of ``bench sweep``: per point and policy, mean ACT and step time and their
+    ratios to the reference policy at that point."""
+    t = Table(title=title + " (seconds)")
+    t.add_column(vary, justify="right")
+    t.add_column("policy")
+    for name in ("ACT", "step", f"ACT / {ref} ACT", f"step / {ref} step"):
+        t.add_column(name, justify="right")
+    for i, point in enumerate(points):
+        results = point["policies"]
+        base = results.get(ref)
+        for j, (pol, r) in enumerate(results.items()):
+            cells = [str(point[vary]) if j == 0 else "", pol]
+            cells += [f"{r['act_mean_s']:.4g}", f"{r['step_mean_s']:.4g}"]
+            if base is not None:
+                cells.append(_ratio(r["act_mean_s"], base["act_mean_s"]))
+                cells.append(_ratio(r["step_mean_s"], base["step_mean_s"]))
+            t.add_row(*cells, end_section=j == len(results) - 1 and i < len(points) - 1)
+    return t
+
+
+def dumps(payload: dict[str, Any]) -> str:
+    """The text of results.json (and of ``--json`` on stdout)."""
+    return json.dumps(payload, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    path.write_text(dumps(payload))
 
 
 def plot_act_over_time(
-    series: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, window: float | None = None
-) -> None:
-    """Windowed mean ACT over virtual time (actions binned by submission time)."""
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    window: float | None = None,
+    title: str = "",
+) -> Any:
+    """Windowed mean ACT over virtual time (actions binned by submission time). Returns
+    the figure (closed; its axes can still be read)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     end = max((float(t.max()) for t, _ in series.values() if len(t)), default=1.0)
@@ -101,15 +131,15 @@ def plot_act_over_time(
     ax.set_xlabel("virtual time (s)")
     ax.set_ylabel(f"mean ACT over {w:.3g} s windows (s)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.set_title(_title("mean action completion time (ACT) over time", title))
+    ax.legend(title="policy")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
-def plot_act_split(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Mean ACT split into queueing, execution and setup (restore, exec), per policy."""
+def plot_act_split(results: dict[str, dict[str, Any]], path: Path, title: str = "") -> Any:
+    """Mean ACT split into queueing, execution and setup (restore, exec), per policy.
+    Returns the figure (closed)."""
     pols = list(results)
     q = np.array([results[p]["queue_mean_s"] for p in pols])
     e = np.array([results[p]["exec_mean_s"] for p in pols])
@@ -121,17 +151,22 @@ def plot_act_split(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.bar(x, q, bottom=e, label="queue")
     ax.bar(x, o, bottom=e + q, label="setup (restore, exec)")
     ax.set_xticks(x, pols, rotation=20)
+    ax.set_xlabel("policy")
     ax.set_ylabel("mean ACT (s)")
-    ax.legend()
+    ax.set_title(_title("mean ACT split by phase", title))
+    ax.legend(title="phase")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
 def plot_sweep(
-    values: list[float], curves: dict[str, list[float]], xlabel: str, path: Path
-) -> None:
+    values: list[float],
+    curves: dict[str, list[float]],
+    xlabel: str,
+    path: Path,
+    title: str = "mean ACT by sweep point",
+) -> Any:
+    """Mean ACT per policy at each point of a sweep. Returns the figure (closed)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for pol, ys in curves.items():
@@ -139,8 +174,18 @@ def plot_sweep(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean ACT (s)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.set_title(title)
+    ax.legend(title="policy")
     ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _title(what: str, run: str) -> str:
+    return f"{run}: {what}" if run else what
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Any:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig

@@ -199,6 +199,26 @@ class Manager(ABC):
         release can."""
         return None
 
+    def why(self, action: Action, amount: int, now: float) -> dict[str, Any] | None:
+        """Why ``amount`` units for the queued ``action`` cannot be had here now, from the
+        pool's current free state (read only; nothing is reserved), or None when they
+        could. A dict with ``reason`` (``insufficient_units``, ``rate_limited``,
+        ``memory``, ...) and ``message`` (words for a person), and any of ``node``,
+        ``needs``, ``free``, ``limit`` and ``ready_at`` (the time, on the core's clock,
+        at which time alone could let it fit). The default compares the amount with the
+        free units of the pool's nodes."""
+        free = {n: c - u for n, (c, u) in self.usage().items()}
+        if not free or max(free.values()) >= amount:
+            return None
+        most = max(free.values())
+        return {
+            "reason": "insufficient_units",
+            "message": f"pool {self.name!r} has at most {most} of the {amount} {self.unit} "
+            "it needs free on one node",
+            "needs": amount,
+            "free": most,
+        }
+
     def close_trajectory(self, trajectory: str) -> str | None:
         """Forget what the trajectory holds between actions (pins, reserved memory);
         return the node it was pinned to, if it was (its sandbox directory is there)."""

@@ -190,6 +190,43 @@ class CpuManager(Manager):
         if alloc.pinned:
             self.close_trajectory(action.trajectory)
 
+    def why(self, action: Action, amount: int, now: float) -> dict[str, Any] | None:
+        pin = self.pins.get(action.trajectory)
+        if pin is not None:
+            node = self.nodes[pin[0]]
+            if node.free_count >= amount:
+                return None
+            return {
+                "reason": "insufficient_units",
+                "message": f"node {node.name} has {node.free_count} of the {amount} cores it "
+                "needs free (its trajectory is pinned there)",
+                "node": node.name,
+                "needs": amount,
+                "free": node.free_count,
+            }
+        need = action.memory_gb
+        hosts = [n for n in self.nodes.values() if n.memory_free >= need]
+        if not hosts:
+            free = ", ".join(f"{n.name} {n.memory_free:g} GB" for n in self.nodes.values())
+            return {
+                "reason": "memory",
+                "message": f"no node of pool {self.name!r} has the trajectory's {need:g} GB "
+                f"of memory free (free: {free}); it frees when other trajectories close",
+                "needs_memory_gb": need,
+            }
+        best = max(hosts, key=lambda n: n.free_count)
+        if best.free_count >= amount:
+            return None
+        where = "no node" if need <= 0 else f"no node with its {need:g} GB of memory free"
+        return {
+            "reason": "insufficient_units",
+            "message": f"{where} has {amount} cores free; the most is node {best.name} "
+            f"with {best.free_count}",
+            "node": best.name,
+            "needs": amount,
+            "free": best.free_count,
+        }
+
     def pin_of(self, trajectory: str) -> str | None:
         pin = self.pins.get(trajectory)
         return pin[0] if pin is not None else None

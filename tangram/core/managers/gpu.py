@@ -263,6 +263,19 @@ class GpuManager(Manager):
     def begin_round(self, now: float) -> Scratch:
         return _GpuScratch(self.counts())
 
+    def why(self, action: Action, amount: int, now: float) -> dict[str, Any] | None:
+        if take_chunk(self.counts(), amount) is not None:
+            return None
+        free = {n: b.count(False) for n, b in self.busy.items()}
+        where = ", ".join(f"{n} {k}" for n, k in free.items())
+        return {
+            "reason": "insufficient_units",
+            "message": f"no node of pool {self.name!r} has an aligned chunk of {amount} "
+            f"free GPUs (free GPUs per node: {where})",
+            "needs": amount,
+            "free": max(free.values()),
+        }
+
     def _choose(self, amount: int, service: str | None) -> tuple[str, int, int, int] | None:
         """(node, free chunk start, sub-chunk start, chunk size) for ``amount`` GPUs: the
         smallest free chunk that holds them; among equal ones, and their aligned sub-chunks,

@@ -60,9 +60,15 @@ class QuotaManager(Manager):
             "counter",
             "Actions held back by a quota's rate, window or token limit (once per action).",
         ),
+        # One unit per metric name (Prometheus): permits per limit, tokens apart.
         MetricFamily(
-            "quota_available", "gauge", "Permits or tokens a quota pool has now, per limit.",
+            "quota_available_permits", "gauge",
+            "Permits a quota pool could grant now, per limit (concurrency, window, rate).",
             ("limit",),
+        ),
+        MetricFamily(
+            "quota_available_tokens", "gauge",
+            "Tokens a quota pool's tokens-per-minute bucket holds now.",
         ),
         MetricFamily("quota_tokens_estimated", "counter", "Tokens charged at grant (estimates)."),
         MetricFamily("quota_tokens_used", "counter", "Tokens reported used at release."),
@@ -167,6 +173,49 @@ class QuotaManager(Manager):
         later = [t for t in times if t > now]
         return max(later) if later else None
 
+    def why(self, action: Action, amount: int, now: float) -> dict[str, Any] | None:
+        avail = self.available(now)
+        if self.concurrency is not None and avail["concurrency"] < amount:
+            return {
+                "reason": "insufficient_units",
+                "message": f"quota pool {self.name!r} has {avail['concurrency']:g} of the "
+                f"{amount} permits it needs free (concurrency cap {self.concurrency}); "
+                "permits come back as leases end",
+                "limit": "concurrency",
+                "needs": amount,
+                "free": avail["concurrency"],
+            }
+        short: list[tuple[str, float, float]] = []  # (limit, needs, available)
+        if self.window_limit is not None and avail["window"] < amount:
+            short.append(("window", amount, avail["window"]))
+        if self.rate is not None and avail["rate"] + _EPS < amount:
+            short.append(("rate", amount, avail["rate"]))
+        cost = self.token_cost(action)
+        if self.tpm is not None and avail["tokens"] + _EPS < cost:
+            short.append(("tokens", cost, avail["tokens"]))
+        if not short:
+            return None
+        at = self.ready_at(action, amount, now)
+        words = {
+            "window": f"quota {self.window_limit} per {self.window_seconds or 0:g} s",
+            "rate": f"rate {self.rate.rate if self.rate else 0:g}/s",
+            "tokens": f"{int(self.tpm.capacity) if self.tpm else 0} tokens per minute",
+        }
+        limit, needs, has = short[0]
+        what = "tokens" if limit == "tokens" else "permits"
+        when = f"; it can be admitted in {at - now:.3g} s" if at is not None else ""
+        out: dict[str, Any] = {
+            "reason": "rate_limited",
+            "message": f"quota pool {self.name!r}: its {words[limit]} leaves {has:.4g} of the "
+            f"{needs:g} {what} it needs{when}",
+            "limit": limit,
+            "needs": needs,
+            "free": has,
+        }
+        if at is not None:
+            out["ready_at"] = at
+        return out
+
     # ---- a round ----------------------------------------------------------------------
     def begin_round(self, now: float) -> Scratch:
         self._expire_window(now)
@@ -264,7 +313,11 @@ class QuotaManager(Manager):
             ("quota_tokens_estimated", (), self.tokens_estimated_total),
             ("quota_tokens_used", (), self.tokens_used_total),
         ]
-        out += [("quota_available", (limit,), v) for limit, v in self.available(now).items()]
+        for limit, v in self.available(now).items():
+            if limit == "tokens":
+                out.append(("quota_available_tokens", (), v))
+            else:
+                out.append(("quota_available_permits", (limit,), v))
         return out
 
     def counters(self) -> dict[str, float]:

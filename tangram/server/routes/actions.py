@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
@@ -110,12 +110,36 @@ async def cancel_action(request: Request, action_id: Id) -> Response:
     return respond(action_json(rec, svc.wall))
 
 
+# Example bodies of a submit, for the OpenAPI document (and /docs's "Try it out").
+SUBMIT_EXAMPLES: dict[str, Any] = {
+    "elastic": {
+        "summary": "an elastic sandbox call: 1 to 16 cores and one API permit",
+        "value": {
+            "trajectory": "traj-7",
+            "task": "swe",
+            "demands": {"cpu": {"min": 1, "max": 16}, "api": 1},
+            "key": "cpu",
+            "duration": 8.0,
+            "efficiency": {"amdahl": 0.9},
+            "memory_gb": 4,
+            "tokens": 3000,
+            "ttl": 30,
+        },
+    },
+    "fixed": {
+        "summary": "one API permit",
+        "value": {"trajectory": "traj-7", "demands": {"api": 1}},
+    },
+}
+
+
 def router(auth: tuple[int, ...]) -> APIRouter:
     """``auth``: ``(401,)`` when the server has tenants, so the document lists it."""
-    r = APIRouter()
+    r = APIRouter(tags=["actions"])
     r.add_api_route(
         "/v1/actions",
         submit,
+        operation_id="submitAction",
         methods=["POST"],
         response_model=ActionOut,
         summary="Submit an action",
@@ -134,12 +158,13 @@ def router(auth: tuple[int, ...]) -> APIRouter:
         # Read by hand (parse.py), so declared here for the document.
         openapi_extra={
             "parameters": [parse.WAIT_PARAM, parse.KEY_PARAM],
-            "requestBody": parse.body_spec(ActionIn, required=True),
+            "requestBody": parse.body_spec(ActionIn, required=True, examples=SUBMIT_EXAMPLES),
         },
     )
     r.add_api_route(
         "/v1/actions/{action_id}",
         get_action,
+        operation_id="getAction",
         methods=["GET"],
         response_model=ActionOut,
         summary="An action's state and lease (long poll with ?wait)",
@@ -148,6 +173,7 @@ def router(auth: tuple[int, ...]) -> APIRouter:
     r.add_api_route(
         "/v1/actions/{action_id}",
         cancel_action,
+        operation_id="cancelAction",
         methods=["DELETE"],
         response_model=ActionOut,
         summary="Cancel a queued action",

@@ -8,14 +8,14 @@ from starlette.responses import Response
 from tangram.server.models import HealthOut
 from tangram.server.wire import respond
 
-router = APIRouter()
+router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=HealthOut, summary="Liveness")
+@router.get("/healthz", response_model=HealthOut, summary="Liveness", operation_id="liveness")
 async def healthz() -> Response:
     return respond({"status": "ok"})
 
 
-@router.get("/readyz", response_model=HealthOut, summary="Readiness")
+@router.get("/readyz", response_model=HealthOut, summary="Readiness", operation_id="readiness")
 async def readyz() -> Response:
     return respond({"status": "ready"})

@@ -45,10 +45,11 @@ async def release_fast(request: Request) -> Response:
 
 def router(auth: tuple[int, ...]) -> APIRouter:
     """``auth``: ``(401,)`` when the server has tenants, so the document lists it."""
-    r = APIRouter()
+    r = APIRouter(tags=["leases"])
     r.add_api_route(
         "/v1/leases/{lease_id}/heartbeat",
         heartbeat,
+        operation_id="heartbeatLease",
         methods=["POST"],
         response_model=LeaseStateOut,
         summary="Extend a lease's TTL",
@@ -57,6 +58,7 @@ def router(auth: tuple[int, ...]) -> APIRouter:
     r.add_api_route(
         "/v1/leases/{lease_id}/release",
         release,
+        operation_id="releaseLease",
         methods=["POST"],
         response_model=LeaseStateOut,
         summary="Release a lease (idempotent)",

@@ -28,10 +28,11 @@ async def pools(request: Request) -> Response:
 
 def router(auth: tuple[int, ...]) -> APIRouter:
     """``auth``: ``(401,)`` when the server has tenants, so the document lists it."""
-    r = APIRouter()
+    r = APIRouter(tags=["pools"])
     r.add_api_route(
         "/v1/pools",
         pools,
+        operation_id="getPools",
         methods=["GET"],
         response_model=PoolsOut,
         summary="Capacity, use, queue length and topology per pool",

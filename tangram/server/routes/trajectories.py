@@ -30,11 +30,12 @@ async def close_trajectory(request: Request, trajectory_id: TrajectoryId) -> Res
 
 def router(auth: tuple[int, ...]) -> APIRouter:
     """``auth``: ``(401,)`` when the server has tenants, so the document lists it."""
-    r = APIRouter()
+    r = APIRouter(tags=["trajectories"])
     r.add_api_route(
         # ":path": a trajectory id may hold "/" (sent percent-encoded, as the clients do).
         "/v1/trajectories/{trajectory_id:path}/close",
         close_trajectory,
+        operation_id="closeTrajectory",
         methods=["POST"],
         response_model=CloseOut,
         summary="Close a trajectory: free its pinned memory, cancel its queued actions",
