@@ -155,10 +155,12 @@ class Paper(Policy):
         cands = [self._costs(mgr, m, pool, fallback, extras) for m in members]
         op = scratch.operator(part, {m.entry.action.id for m in members})
         n = len(members)
-        # Exact for the full list and a few evictions; widened only if eviction goes on.
-        cap = 8
-        dp = solve(cands, op, cap)
         free_units = op.units(op.start())
+        # Every prefix is weighed (Algorithm 1), the shortest ones with the most spare
+        # units: one DP exact for all of them (no prefix can use more extra units than
+        # the candidates' spans) costs less than widening a truncated one step by step.
+        cap = max(8, min(free_units, sum(c.amounts[-1] - c.amounts[0] for c in cands)))
+        dp = solve(cands, op, cap)
         # Units past what every candidate could take change nothing in the estimate (and
         # an unbounded quota would otherwise put a million units in its heap).
         free_units = min(free_units, sum(c.amounts[-1] for c in cands))
