@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -229,7 +229,14 @@ class LeaseContext(Generic[A, L]):
     runs, release on exit (``"ok"``, or ``"error"`` when the body raised or was
     cancelled). After a normal exit, a release that fails (a lease that expired
     meanwhile: ``LeaseExpired``) raises; after an exception, the body's exception wins.
-    ``usage`` set inside the body (``{"tokens": n}``) goes with a normal release.
+    What the body used goes with the release, also after an exception (the tokens were
+    spent): ``ctx.report(tokens=n)`` inside the body, or ``ctx.usage = {"tokens": n}``.
+    A tokens-per-minute quota pool then charges what was used, not the estimate::
+
+        ctx = door.lease(action)
+        async with ctx as lease:
+            reply = await call_the_model(lease)
+            ctx.report(tokens=reply.total_tokens)
 
     A plain class, not a generator-based context manager: it runs on every action."""
 
@@ -244,6 +251,16 @@ class LeaseContext(Generic[A, L]):
         self._timeout = timeout
         self._lease: L | None = None
         self.usage: Mapping[str, Any] | None = None
+
+    def report(self, tokens: int | None = None, **usage: Any) -> None:
+        """Record what the body used, for the release at exit: ``tokens`` corrects a
+        tokens-per-minute pool's estimate; other numbers go along (the broker ignores
+        what it does not know). A later report of the same key replaces the earlier."""
+        merged = dict(self.usage or {})
+        if tokens is not None:
+            merged["tokens"] = int(tokens)
+        merged.update(usage)
+        self.usage = merged
 
     async def __aenter__(self) -> L:
         lease = await self._door.acquire(self._action, self._timeout)
@@ -263,4 +280,41 @@ class LeaseContext(Generic[A, L]):
             await self._door.release_lease(lease, "ok", self.usage)
             return
         with contextlib.suppress(Exception):
-            await self._door.release_lease(lease, "error")
+            await self._door.release_lease(lease, "error", self.usage)
+
+
+class SyncLeaseContext(Generic[A, L]):
+    """``with client.lease(action) as lease:`` for the blocking clients: a
+    ``LeaseContext`` run on the client's event loop (in its own thread) by ``run``,
+    which blocks until a coroutine is done there. ``report`` as on ``LeaseContext``."""
+
+    __slots__ = ("_ctx", "_run")
+
+    def __init__(
+        self, ctx: LeaseContext[A, L], run: Callable[[Coroutine[Any, Any, Any]], Any]
+    ) -> None:
+        self._ctx = ctx
+        self._run = run
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        return self._ctx.usage
+
+    @usage.setter
+    def usage(self, usage: Mapping[str, Any] | None) -> None:
+        self._ctx.usage = usage
+
+    def report(self, tokens: int | None = None, **usage: Any) -> None:
+        self._ctx.report(tokens, **usage)
+
+    def __enter__(self) -> L:
+        lease: L = self._run(self._ctx.__aenter__())
+        return lease
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._run(self._ctx.__aexit__(exc_type, exc, tb))

@@ -31,6 +31,7 @@ LAYERS = {
     "tangram.sim": 6,
     "tangram.ray": 7,
     "tangram.cli": 8,
+    "tangram.integrations": 8,  # adapters for RL frameworks, on top of every door
 }
 CONCRETE_MANAGERS = {"CpuManager", "GpuManager", "QuotaManager"}
 

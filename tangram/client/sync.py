@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tangram.client.http import ActionLike, ActionState, HttpClient
 from tangram.client.wire import RemoteLease
-from tangram.leasing import Beats, LeaseContext
+from tangram.leasing import Beats, SyncLeaseContext
 
 T = TypeVar("T")
 
@@ -93,14 +92,9 @@ class SyncHttpClient:
     def cancel_action(self, action_id: str) -> bool:
         return self._run(self._client.cancel_action(action_id))
 
-    @contextmanager
-    def lease(self, action: ActionLike, *, timeout: float | None = None) -> Iterator[RemoteLease]:
-        """``with client.lease(action) as lease:``; heartbeats run in the loop thread."""
-        ctx: LeaseContext[ActionLike, RemoteLease] = self._client.lease(action, timeout=timeout)
-        lease = self._run(ctx.__aenter__())
-        try:
-            yield lease
-        except BaseException as exc:
-            self._run(ctx.__aexit__(type(exc), exc, exc.__traceback__))
-            raise
-        self._run(ctx.__aexit__(None, None, None))
+    def lease(
+        self, action: ActionLike, *, timeout: float | None = None
+    ) -> SyncLeaseContext[ActionLike, RemoteLease]:
+        """``with client.lease(action) as lease:``; heartbeats run in the loop thread.
+        Keep the context to report usage: ``ctx.report(tokens=n)`` in the body."""
+        return SyncLeaseContext(self._client.lease(action, timeout=timeout), self._run)

@@ -6,6 +6,7 @@ import ray, tangram.ray as tr
 ray.init(address="auto")                       # or a local cluster
 tr.start_broker(config)                        # once per cluster
 client = tr.Client()                           # anywhere: finds the actor by name
+                                               # (tr.SyncClient(): the same, blocking)
 async with client.lease(action) as lease: ...
 result = await client.run(run_tests("tests/"), trajectory="t1")
 ```
@@ -42,6 +43,7 @@ from tangram.ray.executors import (
     start_executors,
 )
 from tangram.ray.nodes import cpu_pool_from_ray
+from tangram.ray.sync import SyncClient
 from tangram.ray.transport import DEFAULT_NAME, DEFAULT_NAMESPACE, BrokerNotFound, get_broker
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "ForgedGrant",
     "GrantMismatch",
     "StaleLease",
+    "SyncClient",
     "cpu_pool_from_ray",
     "executor_name",
     "find_executor",

@@ -1,0 +1,6 @@
+"""Adapters that put Tangram's leases under other frameworks' calls.
+
+``tangram.integrations.litellm``: a LiteLLM callback that leases a permit of a quota pool
+before each call and releases it with the call's real token usage (the ``litellm`` extra).
+Each adapter imports its framework only when imported itself.
+"""
