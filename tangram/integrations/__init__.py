@@ -2,5 +2,8 @@
 
 ``tangram.integrations.litellm``: a LiteLLM callback that leases a permit of a quota pool
 before each call and releases it with the call's real token usage (the ``litellm`` extra).
+``tangram.integrations.skyrl``: a SkyRL-Gym text environment base whose tool calls run
+under leases of a shared synchronous Ray client and whose ``close()`` closes its
+trajectory on the broker (the ``skyrl`` extra).
 Each adapter imports its framework only when imported itself.
 """
