@@ -33,3 +33,13 @@ class Admitted:
     entry: Entry
     amounts: dict[str, int]
     parts: dict[str, Hashable] = field(default_factory=dict)
+
+
+def by_partition(admitted: list[Admitted]) -> dict[tuple[str, Hashable], list[Admitted]]:
+    """The admitted actions using each (pool, partition), in FCFS order: the groups the
+    elastic policies arrange."""
+    groups: dict[tuple[str, Hashable], list[Admitted]] = {}
+    for adm in admitted:
+        for p, part in adm.parts.items():
+            groups.setdefault((p, part), []).append(adm)
+    return groups

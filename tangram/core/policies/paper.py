@@ -18,7 +18,7 @@ from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING
 
 from tangram.core.arrange import Candidate, Waiting, solve, waiting_cost
-from tangram.core.entries import Admitted, Entry
+from tangram.core.entries import Admitted, Entry, by_partition
 from tangram.core.policies.base import Policy
 
 if TYPE_CHECKING:
@@ -74,10 +74,7 @@ class Paper(Policy):
         # A group is every admitted action using one partition (a CPU node, a GPU or quota
         # pool), in FCFS order: those keyed on it are elastic there, the others hold their
         # admitted amount. Eviction then only ever defers the group's tail.
-        groups: dict[tuple[str, Hashable], list[Admitted]] = {}
-        for adm in admitted:
-            for p, part in adm.parts.items():
-                groups.setdefault((p, part), []).append(adm)
+        groups = by_partition(admitted)
         scope = self.scope
         for (pool, part), members in groups.items():
             if scope is not None and pool not in scope:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tangram.core.arrange import Candidate, solve
-from tangram.core.entries import Admitted, Entry
+from tangram.core.entries import Admitted, Entry, by_partition
 from tangram.core.policies.base import Policy
 from tangram.core.policies.paper import Paper
 
@@ -207,10 +207,7 @@ class Tangram(Policy):
             self.paper.arrange(admitted, waiting, scratches, now, deferred)
         if not any(adm.entry.durations is not None for adm in admitted):
             return  # nothing elastic to arrange (every round of fixed demands)
-        groups: dict[tuple[str, Hashable], list[Admitted]] = {}
-        for adm in admitted:
-            for p, part in adm.parts.items():
-                groups.setdefault((p, part), []).append(adm)
+        groups = by_partition(admitted)
         prices: dict[str, float] = {}
         for (pool, part), members in groups.items():
             if self._delegated(pool) or not any(_elastic_on(m.entry, pool) for m in members):
