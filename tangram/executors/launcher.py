@@ -2,9 +2,10 @@
 
 ``SandboxRunner`` does not import this module: it passes the file's source to
 ``python -I -S -c`` with one argument, a JSON spec, and the child runs it as
-``__main__``. Isolated, that happens twice. Outside the sandbox it sets the CPU
-affinity and a parent-death signal and ``exec``s bubblewrap (``wrap``), which builds
-the namespaces and runs the launcher again inside. Inside (or directly, unisolated) it
+``__main__``. Isolated, that happens twice. Outside the sandbox it joins the action's
+control group (``cgroup``: the files to write its pid to), sets the CPU affinity and a
+parent-death signal and ``exec``s bubblewrap (``wrap``), which builds the namespaces
+and runs the launcher again inside. Inside (or directly, unisolated) it
 drops root for an unprivileged uid, enters a user namespace of its own (so the process
 limit counts this sandbox's processes only), sets the resource limits and ``exec``s the
 command (``argv``).
@@ -69,6 +70,15 @@ def enter_user_namespace(libc: ctypes.CDLL, uid: int, gid: int) -> None:
 def main(raw: str) -> None:
     spec = json.loads(raw)
     libc = ctypes.CDLL(None, use_errno=True)
+    # Join the action's control group before anything else: every process started from
+    # here on is born inside it, confined to its cores and limits, and killed with it.
+    pid = str(os.getpid())
+    for path in spec.get("cgroup") or ():
+        try:
+            with open(path, "w") as f:
+                f.write(pid)
+        except OSError as exc:
+            die(f"cannot join the control group {path}: {exc}")
     if spec.get("cores") is not None:
         os.sched_setaffinity(0, spec["cores"])
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

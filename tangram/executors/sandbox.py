@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -37,7 +39,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tangram.executors.cgroups import (
+    CgroupError,
+    Confinement,
+    Group,
+    Hierarchy,
+    numa_nodes,
+    open_hierarchy,
+)
 from tangram.executors.fencing import DEFAULT_SKEW, KEY_ENV, Fence, SignedGrant
+
+log = logging.getLogger(__name__)
 
 # The child's first code (tangram/executors/launcher.py), handed to ``python -c`` as
 # source: inside bubblewrap the interpreter is there but this package need not be.
@@ -50,6 +62,22 @@ _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _KEEP = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ESCAPED = re.compile(r"(?:[A-Za-z0-9_-]|\.[0-9a-f]{2})+")
 MAX_NAME = 200  # bytes; file systems allow 255
+# Variables numeric and parallel runtimes read for their thread count: set to the
+# granted parallelism, so a library sizes its pool to the lease, not to the machine.
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+    "TOKIO_WORKER_THREADS",
+    "GOMAXPROCS",
+    "JULIA_NUM_THREADS",
+)
+_GROUP_SEQ = itertools.count(1)  # action group names, unique in this process
 KILL_GRACE = 2.0  # seconds to drain pipes after the process group was killed
 
 
@@ -65,9 +93,11 @@ class Command:
     replaced by the granted parallelism, ``{cores}`` by the granted core ids
     (comma-separated) and ``{python}`` by the executor's Python, in the string or in each
     argv item. ``files`` are written (relative to the working directory) before the
-    command runs. ``memory_mb`` limits each process's address space, ``max_procs`` the
-    number of processes of the sandbox, ``max_file_mb`` the size of any file it writes;
-    left ``None``, the runner's defaults apply (``SandboxRunner.limits``).
+    command runs. ``memory_mb`` limits the memory of the command's processes together
+    with what they write to ``/tmp`` (per process, as address space, on an unconfined
+    runner), ``max_procs`` the processes and threads of the sandbox, ``max_file_mb`` the
+    size of any file it writes, ``tmp_mb`` the size of its private ``/tmp``; left
+    ``None``, the runner's defaults apply (``SandboxRunner.limits``).
     """
 
     command: str | Sequence[str]
@@ -75,6 +105,7 @@ class Command:
     memory_mb: int | None = None
     max_procs: int | None = None
     max_file_mb: int | None = None
+    tmp_mb: int | None = None
     env: Mapping[str, str] | None = None
     files: Mapping[str, str] | None = None
     max_output: int = 1 << 20
@@ -93,6 +124,7 @@ class Command:
             ("memory_mb", self.memory_mb),
             ("max_procs", self.max_procs),
             ("max_file_mb", self.max_file_mb),
+            ("tmp_mb", self.tmp_mb),
         ):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise SandboxError(f"{name} must be a positive whole number, got {v!r}")
@@ -191,6 +223,7 @@ class Limits:
     memory_mb: int | None = 4096
     max_procs: int | None = 256
     max_file_mb: int | None = 1024
+    tmp_mb: int | None = 1024
 
 
 # Read-only system paths an isolated command sees (besides Python's own prefixes).
@@ -258,6 +291,15 @@ class SandboxRunner:
     namespace of its own, under ``limits``. ``isolate=False`` runs it as the executor's
     user on the host filesystem (trusted code only).
 
+    Confined (the default, ``confine=True``), each command runs in a control group of
+    its own (tangram/executors/cgroups.py): a ``cpuset`` of exactly the granted cores
+    (and their NUMA nodes) that the code cannot widen, one memory limit for all its
+    processes and its ``/tmp`` together, a process limit; when it ends, whatever it
+    left running is killed, wherever it went. Without the rights to make control
+    groups (not root, no delegated subtree) the runner refuses to start;
+    ``confine=False`` runs with only ``sched_setaffinity`` and per-process limits,
+    which the code can undo or sidestep, and says so in the log.
+
     Every call needs the lease's signed grant, checked with ``fencing_key`` (the
     broker's) against this runner's ``node`` and ``pool``; ``grant_skew`` is the clock
     offset to the broker tolerated at expiry. ``trusted=True`` (no key needed) also runs
@@ -278,12 +320,23 @@ class SandboxRunner:
         fencing_key: bytes | None = None,
         trusted: bool = False,
         grant_skew: float = DEFAULT_SKEW,
+        confine: bool = True,
     ) -> None:
         # Before anything is created: a runner that cannot fence must not start.
         fence = Fence(fencing_key, verify=not trusted, skew=grant_skew)
         if isolate and (problem := isolation_problem()) is not None:
             raise SandboxError(f"cannot isolate sandbox commands: {problem}")
-        self.root = Path(root).resolve()
+        root = Path(root).resolve()
+        self.cgroups: Hierarchy | None = None
+        if confine:
+            self.cgroups = _confinement(root, node)
+        else:
+            log.warning(
+                "sandbox runner for %s is UNCONFINED: commands can widen their cores, "
+                "use memory per process and leave processes running after an action",
+                root,
+            )
+        self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.node = node
         self.pool = pool
@@ -332,12 +385,26 @@ class SandboxRunner:
         work = self._prepare_workdir(trajectory, cmd)
         spec = self._launch_spec(cmd, ids, dop, work)
         env = self._child_env(cmd, trajectory, ids, dop, work)
+        group = self._group(cmd, ids)
+        if group is not None:
+            spec["cgroup"] = group.join_files
         t0 = time.monotonic()
-        done = await self._execute(trajectory, cmd, spec, env, work)
+        try:
+            done = await self._execute(trajectory, cmd, spec, env, work, group)
+        finally:
+            extra = {} if group is None else await asyncio.to_thread(_end_group, group)
+        stderr = done.stderr
+        if extra.get("oom_kills"):
+            if stderr and not stderr.endswith("\n"):
+                stderr += "\n"
+            stderr += (
+                f"tangram sandbox: out of memory: {extra['oom_kills']} process(es) killed "
+                f"at the sandbox's limit of {self._memory_mb(cmd)} MiB\n"
+            )
         return CommandResult(
             exit_code=done.exit_code,
             stdout=done.stdout,
-            stderr=done.stderr,
+            stderr=stderr,
             timed_out=done.timed_out,
             cores=ids,
             dop=dop,
@@ -345,7 +412,27 @@ class SandboxRunner:
             workdir=str(work),
             node=self.node,
             pid=done.pid,
+            extra=extra,
         )
+
+    def _memory_mb(self, cmd: Command) -> int | None:
+        return cmd.memory_mb or self.limits.memory_mb
+
+    def _group(self, cmd: Command, ids: tuple[int, ...]) -> Group | None:
+        """The action's control group, made and limited before anything starts in it."""
+        if self.cgroups is None:
+            return None
+        memory = self._memory_mb(cmd)
+        limits = Confinement(
+            cpus=ids,
+            mems=numa_nodes(ids) or None,
+            memory=memory * 2**20 if memory else None,
+            pids=cmd.max_procs or self.limits.max_procs,
+        )
+        try:
+            return self.cgroups.create(f"{os.getpid()}-{next(_GROUP_SEQ)}", limits)
+        except CgroupError as exc:
+            raise SandboxError(f"cannot confine the command: {exc}") from exc
 
     def _granted_cores(self, cores: Sequence[int]) -> tuple[int, ...]:
         """The granted core ids, refused unless this machine has every one of them."""
@@ -379,7 +466,10 @@ class SandboxRunner:
         filled = fill(cmd.command, dop, ids)
         argv = ["/bin/sh", "-c", filled] if isinstance(filled, str) else list(filled)
         lim = self.limits
-        memory = cmd.memory_mb or lim.memory_mb
+        # Confined, memory is the control group's limit for the whole sandbox; a
+        # per-process address-space limit would only break runtimes that reserve
+        # address space they never touch (Go, the JVM, sanitizers).
+        memory = None if self.cgroups is not None else self._memory_mb(cmd)
         fsize = cmd.max_file_mb or lim.max_file_mb
         inner: dict[str, Any] = {
             "isolate": self.isolate,
@@ -393,7 +483,9 @@ class SandboxRunner:
         }
         if not self.isolate:
             return {**inner, "cores": list(ids)}
-        return {"cores": list(ids), "wrap": _bwrap_args(work, self.ro_paths) + _launch(inner)}
+        tmp_mb = cmd.tmp_mb or lim.tmp_mb
+        wrap = _bwrap_args(work, self.ro_paths, tmp_mb * 2**20 if tmp_mb else None)
+        return {"cores": list(ids), "wrap": wrap + _launch(inner)}
 
     def _child_env(
         self, cmd: Command, trajectory: str, ids: tuple[int, ...], dop: int, work: Path
@@ -410,10 +502,9 @@ class SandboxRunner:
                 "TANGRAM_DOP": str(dop),
                 "TANGRAM_CORES": ",".join(map(str, ids)),
                 "TANGRAM_TRAJECTORY": trajectory,
-                # Thread pools of numeric libraries follow the grant, not the machine.
-                "OMP_NUM_THREADS": str(dop),
             }
         )
+        env.update(dict.fromkeys(THREAD_VARS, str(dop)))
         env.update(cmd.env or {})
         return env
 
@@ -424,9 +515,10 @@ class SandboxRunner:
         spec: dict[str, Any],
         env: dict[str, str],
         work: Path,
+        group: Group | None = None,
     ) -> _Exit:
         """Start the launcher, capture its output until it exits or times out, then kill
-        whatever is left of its process group."""
+        whatever is left of its process group and of its control group."""
         proc = await asyncio.create_subprocess_exec(
             *_launch(spec),
             cwd=work,
@@ -442,13 +534,15 @@ class SandboxRunner:
         err = asyncio.ensure_future(_read(proc.stderr, cmd.max_output))
         timed_out = False
         try:
-            await asyncio.wait_for(proc.wait(), cmd.timeout)
+            await asyncio.wait_for(_exited(proc), cmd.timeout)
         except TimeoutError:
             timed_out = True
         finally:
             # Also after a normal exit: background children must not keep using cores
-            # that go back to the pool now.
+            # that go back to the pool now (nor hold the output pipes open).
             _kill_group(proc.pid)
+            if group is not None:
+                await asyncio.to_thread(group.kill)
             if proc.returncode is None:
                 await proc.wait()
             self.running.pop(proc.pid, None)
@@ -468,13 +562,50 @@ class SandboxRunner:
             _kill_group(pid)
 
 
+def _confinement(root: Path, node: str) -> Hierarchy:
+    """The control groups of the runner for ``root`` on ``node``, orphans removed: groups
+    named after a process that is gone were left by a runner that crashed mid-action."""
+    owner = "sandbox-" + hashlib.sha256(f"{node}\0{root}".encode()).hexdigest()[:16]
+    try:
+        hierarchy = open_hierarchy(owner)
+    except CgroupError as exc:
+        raise SandboxError(
+            f"cannot confine sandbox commands: {exc}. Confinement needs root or a "
+            "delegated cgroup subtree; SandboxRunner(confine=False) (tangram "
+            "--unconfined) runs them without it, and the code can then widen its cores, "
+            "use memory per process and leave processes running"
+        ) from exc
+    orphans = [n for n in hierarchy.children() if not _alive(n.partition("-")[0])]
+    for name in orphans:
+        hierarchy.group(name).remove()
+    if orphans:
+        log.warning("removed %d control group(s) left by a crashed runner", len(orphans))
+    return hierarchy
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
+
+
+def _end_group(group: Group) -> dict[str, Any]:
+    """Kill what the action left running, read what the group saw, remove it."""
+    group.kill()
+    extra: dict[str, Any] = {"oom_kills": group.oom_kills()}
+    peak = group.memory_peak()
+    if peak is not None:
+        extra["memory_peak_mb"] = round(peak / 2**20, 1)
+    group.remove()
+    return extra
+
+
 def _launch(spec: Mapping[str, Any]) -> list[str]:
     """The command line that runs the launcher with ``spec``."""
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec)]
 
 
-def _bwrap_args(work: Path, ro_paths: Sequence[str]) -> list[str]:
-    """The bubblewrap command line that gives a command ``work`` and nothing else."""
+def _bwrap_args(work: Path, ro_paths: Sequence[str], tmp_bytes: int | None = None) -> list[str]:
+    """The bubblewrap command line that gives a command ``work`` and nothing else, and a
+    private ``/tmp`` of at most ``tmp_bytes``."""
     args = [
         "bwrap",
         "--unshare-net",  # only a loopback of its own: no broker, no internet
@@ -492,7 +623,10 @@ def _bwrap_args(work: Path, ro_paths: Sequence[str]) -> list[str]:
     python.add(str(Path(sys.executable).resolve().parent.parent))
     # The private /tmp first: mounted after the binds, it would hide any of them that
     # live under /tmp (a checkout or venv in /tmp: its Python could not start).
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777"]
+    if tmp_bytes is not None:
+        args += ["--size", str(tmp_bytes)]
+    args += ["--tmpfs", "/tmp"]
     seen: set[str] = set()
     made: set[str] = {"/", "/tmp"}
     for path in (*SYSTEM_PATHS, *sorted(python), *ro_paths, *ETC_PATHS):
@@ -559,6 +693,30 @@ def _parents(path: str, made: set[str]) -> list[str]:
             made.add(p)
             out += ["--perms", "0755", "--dir", p]
     return out
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Return once ``proc`` itself has exited. ``proc.wait()`` also waits for its output
+    pipes to close, which a background child that inherited them delays until it ends
+    (or forever); a pidfd becomes readable at the exit itself (Linux 5.3)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # gone already, or no pidfds here
+        await proc.wait()
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _kill_group(pid: int) -> None:
