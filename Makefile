@@ -21,6 +21,9 @@ endef
 $(STAMP): pyproject.toml
 	$(setup)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# verl's tool modules without the rest of verl (`import verl` needs torch, which the
+	# tests do without): tests/test_integrations_verl.py loads them so.
+	$(BIN)/python -m pip install -q --no-deps 'verl>=0.7,<0.10'
 	touch $(STAMP) $(SERVE_STAMP)
 
 # The dev extra holds the server's packages: a venv set up for tests serves too.
