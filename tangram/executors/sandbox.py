@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -321,11 +322,15 @@ class SandboxRunner:
         trusted: bool = False,
         grant_skew: float = DEFAULT_SKEW,
         confine: bool = True,
+        network: str = "none",
     ) -> None:
         # Before anything is created: a runner that cannot fence must not start.
         fence = Fence(fencing_key, verify=not trusted, skew=grant_skew)
         if isolate and (problem := isolation_problem()) is not None:
             raise SandboxError(f"cannot isolate sandbox commands: {problem}")
+        if network not in ("none", "host"):
+            raise SandboxError(f"network must be 'none' or 'host', got {network!r}")
+        self.network = network
         root = Path(root).resolve()
         self.cgroups: Hierarchy | None = None
         if confine:
@@ -360,6 +365,34 @@ class SandboxRunner:
         shutil.rmtree(path, ignore_errors=True)
         return existed
 
+    async def upload(self, trajectory: str, path: str, data: bytes | str) -> None:
+        """Write a file into the trajectory's working directory (``path`` relative to
+        it; parent directories are made; a symbolic link on the way is refused)."""
+        _relative(path)
+        work = self._prepare_workdir(trajectory)
+        owner = (self.uid, self.gid) if self.isolate and os.getuid() == 0 else None
+        await asyncio.to_thread(_write_inside, work, path, data, owner)
+
+    async def download(self, trajectory: str, path: str, limit: int = 64 << 20) -> bytes:
+        """Read a regular file of the trajectory's working directory (at most ``limit``
+        bytes; a symbolic link is refused, since sandboxed code may have planted it)."""
+        work = self.workdir(trajectory)
+        if not work.is_dir():
+            raise SandboxError(f"trajectory {trajectory!r} has no working directory here")
+        return await asyncio.to_thread(_read_inside, work, path, limit)
+
+    async def status(self, trajectory: str) -> dict[str, Any]:
+        """Whether the trajectory has a working directory here, and whether a command
+        of it runs now."""
+        work = self.workdir(trajectory)
+        return {
+            "backend": "bubblewrap" if self.isolate else "plain",
+            "exists": work.is_dir(),
+            "running": trajectory in self.running.values(),
+            "workdir": str(work),
+            "confined": self.cgroups is not None,
+        }
+
     def trajectories(self) -> list[str]:
         """The trajectories with a working directory here (a name too long to keep, one
         in the ``~`` hashed form, is listed as that directory name)."""
@@ -382,7 +415,7 @@ class SandboxRunner:
         ids = self._granted_cores(cores)
         self.fence.admit(ids, grant, f"node {self.node or 'here'}", node=self.node, pool=self.pool)
         dop = len(ids) if dop is None else dop
-        work = self._prepare_workdir(trajectory, cmd)
+        work = self._prepare_workdir(trajectory, cmd.files)
         spec = self._launch_spec(cmd, ids, dop, work)
         env = self._child_env(cmd, trajectory, ids, dop, work)
         group = self._group(cmd, ids)
@@ -447,14 +480,14 @@ class SandboxRunner:
             )
         return ids
 
-    def _prepare_workdir(self, trajectory: str, cmd: Command) -> Path:
+    def _prepare_workdir(self, trajectory: str, files: Mapping[str, str] | None = None) -> Path:
         """The trajectory's working directory, with the command's files written into it."""
         work = self.workdir(trajectory)
         owner = self.isolate and os.getuid() == 0
         work.mkdir(parents=True, exist_ok=True)
         if owner:
             os.chown(work, self.uid, self.gid)  # the sandbox's user writes here
-        for rel, text in (cmd.files or {}).items():
+        for rel, text in (files or {}).items():
             _write_inside(work, rel, text, (self.uid, self.gid) if owner else None)
         return work
 
@@ -484,7 +517,9 @@ class SandboxRunner:
         if not self.isolate:
             return {**inner, "cores": list(ids)}
         tmp_mb = cmd.tmp_mb or lim.tmp_mb
-        wrap = _bwrap_args(work, self.ro_paths, tmp_mb * 2**20 if tmp_mb else None)
+        wrap = _bwrap_args(
+            work, self.ro_paths, tmp_mb * 2**20 if tmp_mb else None, self.network == "host"
+        )
         return {"cores": list(ids), "wrap": wrap + _launch(inner)}
 
     def _child_env(
@@ -603,12 +638,15 @@ def _launch(spec: Mapping[str, Any]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec)]
 
 
-def _bwrap_args(work: Path, ro_paths: Sequence[str], tmp_bytes: int | None = None) -> list[str]:
+def _bwrap_args(
+    work: Path, ro_paths: Sequence[str], tmp_bytes: int | None = None, host_network: bool = False
+) -> list[str]:
     """The bubblewrap command line that gives a command ``work`` and nothing else, and a
-    private ``/tmp`` of at most ``tmp_bytes``."""
-    args = [
-        "bwrap",
-        "--unshare-net",  # only a loopback of its own: no broker, no internet
+    private ``/tmp`` of at most ``tmp_bytes``; the host's network only if asked."""
+    args = ["bwrap"]
+    if not host_network:
+        args.append("--unshare-net")  # only a loopback of its own: no broker, no internet
+    args += [
         "--unshare-pid",  # sees only its own processes; all die with the sandbox
         "--unshare-ipc",
         "--unshare-uts",
@@ -644,7 +682,7 @@ def _bwrap_args(work: Path, ro_paths: Sequence[str], tmp_bytes: int | None = Non
     return args
 
 
-def _write_inside(work: Path, rel: str, text: str, owner: tuple[int, int] | None) -> None:
+def _write_inside(work: Path, rel: str, text: str | bytes, owner: tuple[int, int] | None) -> None:
     """Write ``work/rel`` without following symbolic links: earlier sandboxed code may
     have planted one (``notes -> /etc``), and the executor writing through it, perhaps
     as root, would write outside the sandbox. Directory by directory with ``openat``
@@ -675,12 +713,52 @@ def _write_inside(work: Path, rel: str, text: str, owner: tuple[int, int] | None
             raise SandboxError(
                 f"cannot write {rel!r}: it is a symbolic link or not a regular file"
             ) from exc
-        with os.fdopen(out, "w") as f:
+        with os.fdopen(out, "wb") as f:
             if owner is not None:
                 os.fchown(f.fileno(), *owner)
-            f.write(text)
+            f.write(text.encode() if isinstance(text, str) else text)
     finally:
         os.close(fd)
+
+
+def _read_inside(work: Path, rel: str, limit: int) -> bytes:
+    """Read ``work/rel`` without following a symbolic link the sandboxed code planted
+    (``answer -> /etc/shadow``): the read counterpart of ``_write_inside``."""
+    *dirs, name = _relative(rel)
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in dirs:
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                raise SandboxError(
+                    f"cannot read {rel!r}: {part!r} is missing, a symbolic link or not a directory"
+                ) from exc
+            os.close(fd)
+            fd = sub
+        try:
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot read {rel!r}: it is missing or a symbolic link ({exc.strerror})"
+            ) from exc
+        with os.fdopen(src, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SandboxError(f"cannot read {rel!r}: not a regular file")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise SandboxError(f"{rel!r} is larger than {limit} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _relative(rel: str) -> tuple[str, ...]:
+    """The parts of a path inside the working directory, refused if it leads out."""
+    p = Path(rel)
+    if not isinstance(rel, str) or p.is_absolute() or ".." in p.parts or not p.parts:
+        raise SandboxError(f"path {rel!r} must be relative, inside the working directory")
+    return p.parts
 
 
 def _parents(path: str, made: set[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tangram.core.managers.cpu import CpuManager, CpuNode
 from tangram.kinds.base import ConfigError, Kind, Strict, node_names, unique
@@ -27,9 +27,50 @@ class CpuNodeConfig(Strict):
         return v
 
 
+class SandboxConfig(Strict):
+    """How the pool's sandbox executors run commands (docs/sandboxes.md)."""
+
+    backend: Literal["bubblewrap", "container"] = Field(
+        "bubblewrap",
+        description="bubblewrap: a working directory per trajectory on the host's userland; "
+        "container: a runc container per trajectory from `image`",
+    )
+    image: str | None = Field(
+        None,
+        description="the container backend's image: oci:DIR:TAG, docker-archive:FILE.tar, "
+        "containers-storage:NAME or docker://REF",
+    )
+    network: Literal["none", "host"] = Field(
+        "none", description="none: loopback only; host: the host's network (opt in)"
+    )
+    confine: bool = Field(
+        True,
+        description="cgroups per action (exact cores, one memory limit, a pids limit); "
+        "false runs without them (unsafe for untrusted code)",
+    )
+    memory_mb: int = Field(4096, ge=1, description="memory of a sandbox, /tmp included")
+    max_procs: int = Field(256, ge=1, description="processes and threads of a sandbox")
+    max_file_mb: int = Field(1024, ge=1, description="the largest file a command writes")
+    tmp_mb: int = Field(1024, ge=1, description="the size of the private /tmp")
+    idle_timeout_s: float | None = Field(
+        600.0, gt=0, description="a container unused this long is removed (container only)"
+    )
+
+    @model_validator(mode="after")
+    def _image(self) -> SandboxConfig:
+        if self.backend == "container" and not self.image:
+            raise ValueError("the container backend needs an image (sandbox.image)")
+        if self.backend != "container" and self.image:
+            raise ValueError("sandbox.image is for backend: container")
+        if self.backend == "container" and not self.confine:
+            raise ValueError("the container backend is always confined (drop confine: false)")
+        return self
+
+
 class CpuPoolConfig(Strict):
     kind: Literal["cpu"]
     nodes: list[CpuNodeConfig] = Field(..., min_length=1)
+    sandbox: SandboxConfig = Field(default_factory=lambda: SandboxConfig.model_validate({}))
 
 
 def build(name: str, cfg: CpuPoolConfig) -> CpuManager:

@@ -349,6 +349,14 @@ class BrokerActor:
         return n
 
     # ------------------------------------------------------------------ other operations
+    async def pins(self, trajectory: str) -> dict[str, str]:
+        """Pool -> the node the trajectory is pinned to (where its sandbox lives)."""
+        return {
+            pool: node
+            for pool, mgr in self.broker.core.pools.items()
+            if (node := mgr.pin_of(trajectory)) is not None
+        }
+
     async def close_trajectory(self, trajectory: str) -> int:
         """Close the trajectory in the broker and remove its sandbox working directory
         on the node it was pinned to. Returns how many queued actions were cancelled."""

@@ -19,6 +19,7 @@ from typing import Any
 from tangram.actions import Bound
 from tangram.leasing import Beats, KeepAlive, LeaseContext
 from tangram.ray.execute import ExecutorError, Runner, check_request
+from tangram.ray.sandbox import Sandbox
 from tangram.ray.transport import (
     DEFAULT_NAME,
     DEFAULT_NAMESPACE,
@@ -211,6 +212,19 @@ class Client:
         check_request(request)
         result, _ = await self._runner.dispatch(lease, request, await self.pools())
         return result
+
+    def sandbox(
+        self,
+        trajectory: str,
+        pool: str = "cpu",
+        *,
+        task: str = "sandbox",
+        timeout: float | None = None,
+    ) -> Sandbox:
+        """The trajectory's sandbox on ``pool`` as one object (``exec``, ``upload``,
+        ``download``, ``status``, ``close``; tangram/ray/sandbox.py); ``timeout`` bounds
+        each operation's wait for its lease."""
+        return Sandbox(self, trajectory, pool, task=task, timeout=timeout)
 
     async def aclose(self) -> None:
         """Stop the pump; grants the broker holds for this client go back."""

@@ -150,6 +150,20 @@ class Runner:
             self.broker.observe_restore.remote(pool, service, result.restore_seconds)
         return result
 
+    async def sandbox_call(self, lease: Lease, pools: Pools, method: str, *args: Any) -> Any:
+        """Call ``method(trajectory, *args, cores, grant)`` on the sandbox executor of the
+        lease's CPU node (a file moved in or out under the lease)."""
+        pool = self._pool_of(lease, "cpu", pools)
+        alloc = lease.allocation[pool]
+        return await self._call(
+            lease, "sandbox", pool, method, lease.action.trajectory, *args, alloc.units, lease.grant
+        )
+
+    async def sandbox_status(self, trajectory: str, pool: str, node: str) -> dict[str, Any]:
+        handle = self._executor("sandbox", pool, node)
+        status: dict[str, Any] = await handle.status.remote(trajectory)
+        return status
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()

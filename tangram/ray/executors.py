@@ -13,19 +13,24 @@ units; there is no unfenced mode behind a broker.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tangram.config import Config
 from tangram.executors.fencing import SignedGrant, key_id
-from tangram.executors.sandbox import Command, CommandResult, SandboxRunner
+from tangram.executors.sandbox import Command, CommandResult, Limits, SandboxRunner
 from tangram.executors.service import ServiceHost, ServiceResult, ServiceSpec
+from tangram.kinds.cpu import SandboxConfig
 from tangram.spec import Resident, TangramError
+
+if TYPE_CHECKING:
+    from tangram.executors.container import ContainerRunner
 
 
 class PlacementError(ValueError):
@@ -36,11 +41,64 @@ class FencingKeyMismatch(TangramError):
     """An executor already running holds another fencing key than the broker's."""
 
 
-class SandboxActor:
-    """A ``SandboxRunner`` on one node (wrapped with ``ray.remote`` when started)."""
+def sandbox_runner(
+    root: str,
+    node: str,
+    isolate: bool,
+    fencing_key: bytes,
+    pool: str,
+    sandbox: Mapping[str, Any] | None = None,
+) -> SandboxRunner | ContainerRunner:
+    """The runner a CPU pool's ``sandbox`` configuration asks for (``SandboxConfig``):
+    bubblewrap (``isolate=False``: none, trusted code only) or a container per
+    trajectory."""
+    opts = SandboxConfig.model_validate(dict(sandbox or {}))
+    limits = Limits(
+        memory_mb=opts.memory_mb,
+        max_procs=opts.max_procs,
+        max_file_mb=opts.max_file_mb,
+        tmp_mb=opts.tmp_mb,
+    )
+    if opts.backend == "container":
+        from tangram.executors.container import ContainerRunner
 
-    def __init__(self, root: str, node: str, isolate: bool, fencing_key: bytes, pool: str) -> None:
-        self.runner = SandboxRunner(root, node, isolate=isolate, pool=pool, fencing_key=fencing_key)
+        assert opts.image is not None  # the configuration's validator saw to it
+        return ContainerRunner(
+            root,
+            node,
+            image=opts.image,
+            limits=limits,
+            network=opts.network,
+            pool=pool,
+            fencing_key=fencing_key,
+            idle_timeout=opts.idle_timeout_s,
+        )
+    return SandboxRunner(
+        root,
+        node,
+        isolate=isolate,
+        limits=limits,
+        pool=pool,
+        fencing_key=fencing_key,
+        confine=opts.confine,
+        network=opts.network,
+    )
+
+
+class SandboxActor:
+    """A sandbox runner on one node (wrapped with ``ray.remote`` when started): runs
+    commands, and moves files in and out, under the lease's signed grant."""
+
+    def __init__(
+        self,
+        root: str,
+        node: str,
+        isolate: bool,
+        fencing_key: bytes,
+        pool: str,
+        sandbox: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.runner = sandbox_runner(root, node, isolate, fencing_key, pool, sandbox)
         self.key_id = key_id(fencing_key)
 
     async def run(
@@ -56,8 +114,33 @@ class SandboxActor:
         result.extra["executor_pid"] = os.getpid()
         return result
 
+    def _admit(self, cores: Sequence[int], grant: SignedGrant | None) -> None:
+        runner = self.runner
+        where = f"node {runner.node or 'here'}"
+        runner.fence.admit(tuple(cores), grant, where, node=runner.node, pool=runner.pool)
+
+    async def upload(
+        self,
+        trajectory: str,
+        path: str,
+        data: bytes,
+        cores: Sequence[int],
+        grant: SignedGrant | None = None,
+    ) -> None:
+        self._admit(cores, grant)
+        await self.runner.upload(trajectory, path, data)
+
+    async def download(
+        self, trajectory: str, path: str, cores: Sequence[int], grant: SignedGrant | None = None
+    ) -> bytes:
+        self._admit(cores, grant)
+        return await self.runner.download(trajectory, path)
+
+    async def status(self, trajectory: str) -> dict[str, Any]:
+        return await self.runner.status(trajectory)
+
     async def close_trajectory(self, trajectory: str) -> bool:
-        return self.runner.close_trajectory(trajectory)
+        return await asyncio.to_thread(self.runner.close_trajectory, trajectory)
 
     async def trajectories(self) -> list[str]:
         return self.runner.trajectories()
@@ -68,8 +151,9 @@ class SandboxActor:
             "ray_node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "root": str(self.runner.root),
-            "running": len(self.runner.running),
-            "isolated": self.runner.isolate,
+            "running": len(getattr(self.runner, "running", ())),
+            "backend": type(self.runner).__name__,
+            "isolated": getattr(self.runner, "isolate", True),
             "key_id": self.key_id,
         }
 
@@ -185,9 +269,15 @@ def start_executors(
                     max_restarts,
                     detached,
                 )
+                sandbox = config.pools[pool].sandbox.model_dump()  # type: ignore[union-attr]
                 started.append(
                     cls.options(**opts).remote(
-                        os.path.join(root, pool, node), node, sandbox_isolate, fencing_key, pool
+                        os.path.join(root, pool, node),
+                        node,
+                        sandbox_isolate,
+                        fencing_key,
+                        pool,
+                        sandbox,
                     )
                 )
         elif mgr.kind == "gpu":

@@ -1,0 +1,106 @@
+"""The sandbox handle (``client.sandbox(trajectory)``: exec, upload, download, status,
+close) on a real local Ray cluster, with the broker actor and its sandbox executors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import ray
+
+import tangram.ray as tr
+from tangram.executors.fencing import FencingError
+from tangram.executors.sandbox import SandboxError, isolation_problem
+
+CORES = sorted(os.sched_getaffinity(0))
+PY = sys.executable
+CONFIG: dict[str, Any] = {
+    "lease_ttl_seconds": 30,
+    "pools": {
+        "cpu": {
+            "kind": "cpu",
+            "nodes": [{"name": "local", "cores": CORES, "memory_gb": 8}],
+            "sandbox": {"memory_mb": 512, "tmp_mb": 64},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    ray.init(num_cpus=2, include_dashboard=False)
+    root = tmp_path_factory.mktemp("sandboxes")
+    tr.start_broker(
+        CONFIG,
+        name="sbx",
+        detached=False,
+        sandbox_root=str(root),
+        sandbox_isolate=isolation_problem() is None,
+        data_dir=None,
+    )
+    yield root
+    tr.stop_broker("sbx")
+    ray.shutdown()
+
+
+@pytest_asyncio.fixture
+async def client(cluster: Path) -> AsyncIterator[tr.Client]:
+    c = tr.Client(name="sbx")
+    yield c
+    await c.aclose()
+
+
+async def test_files_and_commands_of_one_trajectory(client: tr.Client, cluster: Path):
+    box = client.sandbox("traj-1")
+    assert (await box.status())["exists"] is False
+    await box.upload("src/solution.py", "def f():\n    return 42\n")
+    res = await box.exec(
+        f'{PY} -c \'import sys; sys.path.insert(0, "src"); import solution; '
+        "print(solution.f())' > out.txt; echo dop={dop}",
+        cores=(1, len(CORES)),
+    )
+    assert res.ok, res.stderr
+    assert res.stdout.startswith("dop=") and 1 <= res.dop <= len(CORES)
+    assert await box.download("out.txt") == b"42\n"
+    status = await box.status()
+    assert status["exists"] is True and status["node"] == "local" and status["confined"]
+    await box.close()
+    assert (await box.status())["exists"] is False
+    assert not any(p.name == "traj-1" for p in cluster.rglob("traj-1"))
+
+
+async def test_a_planted_link_is_not_followed(client: tr.Client):
+    async with client.sandbox("traj-link") as box:
+        res = await box.exec("ln -s /etc/hostname leak; mkdir d; ln -s /etc d/etc")
+        assert res.ok, res.stderr
+        with pytest.raises(SandboxError, match="symbolic link"):
+            await box.download("leak")
+        with pytest.raises(SandboxError, match="symbolic link"):
+            await box.upload("d/etc/evil", "x")
+        with pytest.raises(SandboxError, match="relative"):
+            await box.download("../other/x")
+    snap = await client.snapshot()
+    assert snap["pools"]["cpu"]["in_use"] == 0  # every operation's lease went back
+
+
+async def test_trajectories_do_not_see_each_other(client: tr.Client):
+    async with client.sandbox("traj-a") as a, client.sandbox("traj-b") as b:
+        await a.upload("secret.txt", "a's")
+        with pytest.raises(SandboxError):
+            await b.download("secret.txt")
+        res = await b.exec("cat ../traj-a/secret.txt")
+        assert res.exit_code != 0 and "a's" not in res.stdout
+
+
+async def test_files_move_only_under_a_valid_grant(client: tr.Client, cluster: Path):
+    """The executor checks the grant on uploads as on commands: a call without one,
+    made straight at the actor, is refused."""
+    handle = ray.get_actor("sbx.sandbox.cpu.local", namespace="tangram")
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        await handle.upload.remote("traj-x", "f.txt", b"x", CORES[:1], None)
+    assert isinstance(err.value.cause, FencingError)
