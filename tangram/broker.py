@@ -265,6 +265,11 @@ class Broker:
     def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot(self.clock())
 
+    def overview(self, visible: Callable[[Action], bool] | None = None) -> dict[str, Any]:
+        """Queue per pool and tenant, oldest waiters and why, leases by age
+        (``Core.overview``); times are ages, not this broker's clock."""
+        return self.core.overview(self.clock(), visible=visible)
+
     def why_waiting(self, action_id: str) -> dict[str, Any] | None:
         """Why a queued action waits (``Core.why_waiting``); None if it is not queued.
         ``ready_at`` is on this broker's clock."""

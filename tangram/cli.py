@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -246,11 +247,12 @@ def status(
         float, typer.Option("--timeout", min=0.001, callback=finite, help="seconds to wait")
     ] = 5.0,
     as_json: Annotated[
-        bool, typer.Option("--json", help="print the server's answer (GET /v1/pools) as JSON")
+        bool, typer.Option("--json", help="print the server's answer (GET /v1/status) as JSON")
     ] = False,
 ) -> None:
-    """Show a running broker: per pool its units in use, queue and nodes; leases held and
-    actions queued in all (GET /v1/pools)."""
+    """Show a running broker: per pool its units in use, queue and nodes; the queue per
+    tenant, the oldest waiting actions and why they wait, the leases held by age
+    (GET /v1/status)."""
     import httpx
 
     from tangram.client import HttpClient, HttpError, Unauthorized
@@ -258,7 +260,7 @@ def status(
 
     async def fetch() -> dict[str, Any]:
         async with HttpClient(url, token=token, timeout=timeout, retries=0) as client:
-            return await client.pools()
+            return await client.status()
 
     def fail(msg: str) -> typer.Exit:
         typer.echo(f"tangram status: {msg}", err=True)
@@ -274,7 +276,7 @@ def status(
     except (HttpError, TangramError) as exc:  # BrokerUnreachable names the URL itself
         raise fail(str(exc) if url in str(exc) else f"{url}: {exc}") from None
     if not _looks_like_pools(doc):
-        raise fail(f"{url} does not answer GET /v1/pools like a Tangram broker")
+        raise fail(f"{url} does not answer GET /v1/status like a Tangram broker")
     typer.echo(json.dumps(doc, indent=2) if as_json else format_status(url, doc))
 
 
@@ -328,9 +330,55 @@ def format_status(url: str, doc: dict[str, Any]) -> str:
                         "",
                     )
                 )
+    return "\n".join(head + _table(rows) + _details(doc))
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(head + table)
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _details(doc: dict[str, Any]) -> list[str]:
+    """The queue per tenant, the oldest waiters and why, the leases by age (present in
+    ``GET /v1/status``; an older broker answering only ``/v1/pools`` has none)."""
+    out: list[str] = []
+    by_tenant = doc.get("queued_by_tenant") or {}
+    if any(len(t) > 1 or any(t) for t in by_tenant.values()):
+        out += ["", "queued per tenant"]
+        out += _table(
+            [("pool", "tenant", "queued")]
+            + [
+                (pool, tenant or "-", str(n))
+                for pool, tenants in sorted(by_tenant.items())
+                for tenant, n in sorted(tenants.items())
+            ]
+        )
+    waiting = doc.get("oldest_waiting") or []
+    if waiting:
+        out += ["", "oldest waiting"]
+        for w in waiting:
+            who = f"{w['trajectory']}" + (f" (tenant {w['tenant']})" if w.get("tenant") else "")
+            out.append(
+                f"  {w['action']}  {who}  {','.join(w['pools'])}  "
+                f"waiting {_age(w['waited_seconds'])}: {w.get('message') or w.get('reason')}"
+            )
+    ages = doc.get("leases_by_age")
+    if ages and any(ages.values()):
+        out += ["", "leases by age: " + ", ".join(f"{k} {v}" for k, v in ages.items())]
+        for h in doc.get("oldest_leases") or []:
+            units = ", ".join(f"{p} {n}" for p, n in h["pools"].items())
+            out.append(
+                f"  {h['action']}  {h['trajectory']}  {units}  held {_age(h['age_seconds'])}"
+            )
+    return out
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------- the command tree

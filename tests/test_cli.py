@@ -316,12 +316,47 @@ def test_status_shows_pools_use_queues_and_leases(server: str) -> None:
     lines = res.stdout.splitlines()
     assert lines[0] == f"Tangram broker at {server}"
     assert lines[1] == "policy tangram: 2 leases held, 1 action queued"
-    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    table = lines[3 : lines.index("", 3)]
+    rows = {line.split()[0]: line.split() for line in table}
     assert rows["pool"][:4] == ["pool", "kind", "in", "use"]
     assert rows["api"][:5] == ["api", "quota", "1/1", "(100%)", "1"]
     assert rows["cpu"][:5] == ["cpu", "cpu", "2/4", "(50%)", "0"]
     # The CPU pool's nodes, each with its own use.
     assert sorted(r[1] for name, r in rows.items() if name.startswith("n-")) == ["0/2", "2/2"]
+    # Who queues where, who waits longest and why, how old the leases are.
+    rest = lines[len(table) + 3 :]
+    assert rest[:3] == ["", "queued per tenant", rest[2]] and rest[3].split() == ["api", "rl", "1"]
+    waiting = rest[rest.index("oldest waiting") + 1]
+    assert " t2 (tenant rl)  api  waiting " in waiting
+    assert "pool 'api'" in waiting or "permit" in waiting, waiting
+    ages = next(line for line in rest if line.startswith("leases by age: "))
+    assert ages == "leases by age: <10s 2, 10s-1m 0, 1m-10m 0, >=10m 0"
+    assert sum(1 for line in rest if "  held " in line) == 2
+
+
+def test_status_lists_only_the_tenants_own_actions() -> None:
+    from tangram.server import LiveServer, create_app
+
+    tokens = {"a": "tenant-a-token-0123456789", "b": "tenant-b-token-0123456789"}
+    cfg = parse_config(
+        {
+            "pools": {"api": {"kind": "quota", "concurrency": 1}},
+            "server": {"tenants": {n: {"token": t} for n, t in tokens.items()}},
+        }
+    )
+    with LiveServer(create_app(cfg)) as url:
+        for name in ("a", "b"):
+            auth = {"Authorization": f"Bearer {tokens[name]}"}
+            body = {"trajectory": f"traj-{name}", "demands": {"api": 1}}
+            res = httpx.post(f"{url}/v1/actions", json=body, headers=auth)
+            assert res.status_code in (200, 202)
+        auth = {"Authorization": f"Bearer {tokens['b']}"}
+        doc = httpx.get(f"{url}/v1/status", headers=auth).json()
+    # Every count, but only b's own actions by name (ids and trajectories are b's business).
+    assert doc["queued_by_tenant"] == {"api": {"b": 1}}
+    assert doc["leases_by_age"]["<10s"] == 1 and doc["oldest_leases"] == []
+    assert [w["trajectory"] for w in doc["oldest_waiting"]] == ["traj-b"]
+    assert doc["oldest_waiting"][0]["reason"] in ("insufficient_units", "behind_earlier_action")
 
 
 def test_status_json_is_the_pools_document(server: str) -> None:
@@ -366,7 +401,7 @@ def test_status_of_something_else_is_refused() -> None:
     with LiveServer(other) as url:
         res = invoke("status", "--url", url)
     assert res.exit_code == 1
-    assert "does not answer GET /v1/pools like a Tangram broker" in res.stderr
+    assert "does not answer GET /v1/status like a Tangram broker" in res.stderr
 
 
 def test_format_status_without_nodes_or_unit_times() -> None:

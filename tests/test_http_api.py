@@ -364,6 +364,7 @@ async def test_openapi_describes_every_endpoint(http):
         ("/v1/leases/{lease_id}/release", "post"),
         ("/v1/trajectories/{trajectory_id}/close", "post"),
         ("/v1/pools", "get"),
+        ("/v1/status", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
     }
@@ -384,6 +385,7 @@ async def test_openapi_operation_ids_tags_and_submit_example(http):
         "releaseLease",
         "closeTrajectory",
         "getPools",
+        "getStatus",
         "liveness",
         "readiness",
     }

@@ -214,6 +214,12 @@ class HttpClient:
         _, data = await self._call("GET", "/v1/pools")
         return dict(data)
 
+    async def status(self) -> dict[str, Any]:
+        """``pools()`` and the queue per tenant, the oldest waiters and why they wait,
+        the leases by age (``GET /v1/status``, what ``tangram status`` shows)."""
+        _, data = await self._call("GET", "/v1/status")
+        return dict(data)
+
     # ------------------------------------------------------------------ leases
     async def acquire(
         self,

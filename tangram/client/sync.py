@@ -77,6 +77,9 @@ class SyncHttpClient:
     def pools(self) -> dict[str, Any]:
         return self._run(self._client.pools())
 
+    def status(self) -> dict[str, Any]:
+        return self._run(self._client.status())
+
     def acquire(self, action: ActionLike, timeout: float | None = None) -> RemoteLease:
         return self._run(self._client.acquire(action, timeout))
 

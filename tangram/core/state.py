@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import math
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -85,6 +86,10 @@ class Expiry:
 class Cancellation:
     action: Action
     reason: str
+
+
+# Buckets of ``Core.overview``'s leases by age: (label, upper bound in seconds).
+LEASE_AGES = (("<10s", 10.0), ("10s-1m", 60.0), ("1m-10m", 600.0), (">=10m", math.inf))
 
 
 @dataclass(slots=True)
@@ -458,6 +463,60 @@ class Core:
         if node is None:
             return sum(1 for _ in ahead)
         return sum(1 for a in ahead if mgr.pin_of(a.trajectory) in (node, None))
+
+    def overview(
+        self, now: float, *, visible: Callable[[Action], bool] | None = None, oldest: int = 5
+    ) -> dict[str, Any]:
+        """What an operator asks of a running broker (``tangram status``): queued actions
+        per pool and tenant, the ``oldest`` waiters with why each waits, and the leases
+        held by age (``LEASE_AGES``) with the oldest ones. Actions ``visible`` says no to
+        (another tenant's) are counted but not listed."""
+        per_pool: dict[str, dict[str, int]] = {}
+        for (pool, tenant), n in self._queued_tenants.items():
+            if n > 0:
+                per_pool.setdefault(pool, {})[tenant or ""] = n
+        waiters: list[dict[str, Any]] = []
+        for entry in self._queue.values():  # insertion order: the oldest first
+            if len(waiters) >= oldest:
+                break
+            a = entry.action
+            if visible is not None and not visible(a):
+                continue
+            why = self.why_waiting(a.id, now) or {}
+            waiters.append(
+                {
+                    "action": a.id,
+                    "trajectory": a.trajectory,
+                    "tenant": a.tenant,
+                    "pools": sorted(a.demands),
+                    "waited_seconds": round(now - a.submitted_at, 3),
+                    "reason": why.get("reason"),
+                    "message": why.get("message"),
+                }
+            )
+        ages = [(now - lease.granted_at, lease) for lease in self.leases.values()]
+        ages.sort(key=lambda x: -x[0])
+        buckets = dict.fromkeys((label for label, _ in LEASE_AGES), 0)
+        for age, _ in ages:
+            label = next(label for label, upper in LEASE_AGES if age < upper)
+            buckets[label] += 1
+        held = [
+            {
+                "action": lease.action.id,
+                "trajectory": lease.action.trajectory,
+                "tenant": lease.action.tenant,
+                "pools": {p: alloc.amount for p, alloc in lease.allocation.items()},
+                "age_seconds": round(age, 3),
+            }
+            for age, lease in ages
+            if visible is None or visible(lease.action)
+        ][:oldest]
+        return {
+            "queued_by_tenant": per_pool,
+            "oldest_waiting": waiters,
+            "leases_by_age": buckets,
+            "oldest_leases": held,
+        }
 
     def queued_per_pool(self) -> dict[str, int]:
         """How many queued actions demand each pool."""

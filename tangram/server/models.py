@@ -211,6 +211,36 @@ class PoolsOut(BaseModel):
     pools: dict[str, PoolOut]
 
 
+class WaiterOut(BaseModel):
+    action: str
+    trajectory: str
+    tenant: str | None = None
+    pools: list[str]
+    waited_seconds: float
+    reason: str | None = None
+    message: str | None = None
+
+
+class HeldOut(BaseModel):
+    action: str
+    trajectory: str
+    tenant: str | None = None
+    pools: dict[str, int]
+    age_seconds: float
+
+
+class StatusOut(PoolsOut):
+    """``GET /v1/pools`` and what an operator asks next: who queues where, who waits
+    longest and why, how old the leases are."""
+
+    queued_by_tenant: dict[str, dict[str, int]] = Field(
+        description='pool -> tenant ("" without tenants) -> queued actions'
+    )
+    oldest_waiting: list[WaiterOut]
+    leases_by_age: dict[str, int] = Field(description="<10s, 10s-1m, 1m-10m, >=10m")
+    oldest_leases: list[HeldOut]
+
+
 class HealthOut(BaseModel):
     status: str
 
