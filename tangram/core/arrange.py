@@ -14,8 +14,9 @@ Two implementations of the same recurrence:
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -356,26 +357,34 @@ def waiting_cost(
     heap.extend([0.0] * zeros)
     heapq.heapify(heap)
     total = 0.0
-    for i, w in enumerate(waiting):
-        if i == 0 and depth > 1 and len(w.amounts) > 1:
-            tries = [a for a in w.amounts[:depth] if a <= len(heap)]
-            if not tries:
-                continue
+    first = waiting[0]
+    rest: Iterable[Waiting] = waiting
+    if depth > 1 and len(first.amounts) > 1:
+        rest = itertools.islice(waiting, 1, None)
+        tries = [a for a in first.amounts[:depth] if a <= len(heap)]
+        if tries:
             smallest = heapq.nsmallest(tries[-1], heap)
-            best_end, best_a = min((smallest[a - 1] + w.costs[t], a) for t, a in enumerate(tries))
-        else:
-            a = w.amounts[0]
-            if a == 1:
-                best_end = heap[0] + w.costs[0]
-                heapq.heapreplace(heap, best_end)
-                total += best_end
-                continue
-            if a > len(heap):
-                continue
-            best_end, best_a = heapq.nsmallest(a, heap)[-1] + w.costs[0], a
-        for _ in range(best_a):
-            heapq.heappop(heap)
-        for _ in range(best_a):
-            heapq.heappush(heap, best_end)
-        total += best_end
+            end, a = min((smallest[a - 1] + first.costs[t], a) for t, a in enumerate(tries))
+            total += _place(heap, a, end)
+    # The rest at their minimum amounts. This loop is most of an elastic round's cost
+    # (every prefix weighed runs it over the lookahead), so the common one-unit case is
+    # a single heap operation, with the functions bound to locals.
+    replace, size = heapq.heapreplace, len(heap)
+    for w in rest:
+        a = w.amounts[0]
+        if a == 1:
+            end = heap[0] + w.costs[0]
+            replace(heap, end)
+            total += end
+        elif a <= size:
+            total += _place(heap, a, heapq.nsmallest(a, heap)[-1] + w.costs[0])
     return total
+
+
+def _place(heap: list[float], amount: int, end: float) -> float:
+    """Take the ``amount`` earliest-free units of ``heap`` until ``end``; ``end``."""
+    for _ in range(amount):
+        heapq.heappop(heap)
+    for _ in range(amount):
+        heapq.heappush(heap, end)
+    return end
