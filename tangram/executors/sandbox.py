@@ -606,9 +606,9 @@ def _confinement(root: Path, node: str) -> Hierarchy:
     except CgroupError as exc:
         raise SandboxError(
             f"cannot confine sandbox commands: {exc}. Confinement needs root or a "
-            "delegated cgroup subtree; SandboxRunner(confine=False) (tangram "
-            "--unconfined) runs them without it, and the code can then widen its cores, "
-            "use memory per process and leave processes running"
+            "delegated cgroup subtree; SandboxRunner(confine=False) (`confine: false` in "
+            "the pool's sandbox section: unconfined) runs them without it, and the code "
+            "can then widen its cores, use memory per process and leave processes running"
         ) from exc
     orphans = [n for n in hierarchy.children() if not _alive(n.partition("-")[0])]
     for name in orphans:
