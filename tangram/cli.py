@@ -106,12 +106,31 @@ def live_command(
     ),
     seed: int = typer.Option(0, min=0, help="seed of the gaps (both modes wait the same gaps)"),
     xdist: bool = typer.Option(True, help="run the pytest suite with -n {dop} (pytest-xdist)"),
+    sandbox: str = typer.Option(
+        "bubblewrap",
+        help="the sandbox backend: bubblewrap, or container (a runc container per "
+        "trajectory from --image; docs/sandboxes.md)",
+    ),
+    image: str | None = typer.Option(
+        None,
+        help="the container backend's image (oci:DIR:TAG, docker-archive:FILE, ...); "
+        "its python needs pytest and pytest-xdist (make sandbox-image builds one)",
+    ),
     json_only: bool = typer.Option(False, "--json", help="print only the JSON line"),
 ) -> None:
     """Run a small coding workload for real on this machine (a local Ray cluster, the
     sandbox executor, the pytest suite in tangram/ray/live_suite) under Tangram's
     action-level leases and under a per-trajectory reservation of the same cores; print
     ACT and step time for both, then one line of JSON."""
+    if sandbox not in ("bubblewrap", "container"):
+        raise typer.BadParameter(
+            f"{sandbox!r}: give bubblewrap or container", param_hint="'--sandbox'"
+        )
+    if (sandbox == "container") != (image is not None):
+        raise typer.BadParameter(
+            "the container backend needs --image, and only it takes one",
+            param_hint="'--image'",
+        )
     missing = [m for m in ("ray", "pytest") if not installed(m)]
     if missing:
         typer.echo(
@@ -123,7 +142,8 @@ def live_command(
     # Imported here: the benchmark imports Ray, which every other command can do without.
     from tangram.ray.live import format_report, live
 
-    out = live(trajectories=trajectories, steps=steps, gap=gap, seed=seed, xdist=xdist)
+    box = {"backend": sandbox, "image": image} if image else None
+    out = live(trajectories=trajectories, steps=steps, gap=gap, seed=seed, xdist=xdist, sandbox=box)
     if not json_only:
         typer.echo(format_report(out))
     typer.echo(json.dumps(out))

@@ -101,6 +101,9 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["bench", "live", "--steps", "0"], "'--steps'"),
     (["bench", "live", "--gap", "inf"], "'--gap': inf is not a finite number"),
     (["bench", "live", "--seed", "-3"], "'--seed'"),
+    (["bench", "live", "--sandbox", "docker"], "'--sandbox': 'docker'"),
+    (["bench", "live", "--sandbox", "container"], "'--image'"),
+    (["bench", "live", "--image", "oci:/x:y"], "'--image'"),
     # status, config
     (["status", "--url", "ftp://example.org"], "is not an http(s) URL"),
     (["status", "--url", "http://127.0.0.1:99999"], "Port out of range"),

@@ -194,8 +194,12 @@ def live(
     seed: int = 0,
     xdist: bool = True,
     cores: list[int] | None = None,
+    sandbox: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the workload under both modes on a broker of its own; return the figures."""
+    """Run the workload under both modes on a broker of its own; return the figures.
+    ``sandbox`` is the CPU pool's sandbox section (default: bubblewrap working
+    directories; ``{"backend": "container", "image": ...}`` for a container per
+    trajectory)."""
     if trajectories < 1 or steps < 1 or gap < 0:
         raise ValueError("trajectories and steps must be at least 1, gap at least 0")
     w = Workload(trajectories, steps, gap, seed, xdist)
@@ -207,7 +211,13 @@ def live(
     tr.ensure_ray()
     run_id = uuid.uuid4().hex[:6]
     name = f"tangram-live-{run_id}"
-    pools = {"cpu": {"kind": "cpu", "nodes": [{"name": "local", "cores": w.cores, "memory_gb": 4}]}}
+    pool: dict[str, Any] = {
+        "kind": "cpu",
+        "nodes": [{"name": "local", "cores": w.cores, "memory_gb": 4}],
+    }
+    if sandbox:
+        pool["sandbox"] = dict(sandbox)
+    pools = {"cpu": pool}
     results: dict[str, Any] = {}
     root = tempfile.mkdtemp(prefix="tangram-live-")
     try:
@@ -240,6 +250,7 @@ def live(
         "steps": steps,
         "gap_seconds": gap,
         "cores": w.cores,
+        "sandbox": (sandbox or {}).get("backend", "bubblewrap"),
         "node": ray.get_runtime_context().get_node_id(),
         "tangram": t,
         "reservation": r,
@@ -252,7 +263,7 @@ def format_report(out: dict[str, Any]) -> str:
     t, r = out["tangram"], out["reservation"]
     lines = [
         f"live coding workload: {out['trajectories']} trajectories x {out['steps']} steps, "
-        f"gap {out['gap_seconds']:g} s, cores {out['cores']}",
+        f"gap {out['gap_seconds']:g} s, cores {out['cores']}, sandbox {out['sandbox']}",
         f"{'mode':12s} {'ACT mean':>10s} {'step time':>10s} {'actions':>8s} {'failures':>9s}",
     ]
     for name, s in (("tangram", t), ("reservation", r)):
