@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-server
 
-.PHONY: venv test test-image lint typecheck serve bench clean
+.PHONY: venv test test-image sandbox-image lint typecheck serve bench clean
 
 # A venv with an up-to-date pip; the distribution was called `tangram` before it was
 # `tangram-broker`: an old editable install of that name is removed first.
@@ -47,6 +47,11 @@ test: lint typecheck
 # the image: /healthz and one lease from the host. Needs root; slow from a cold cache.
 test-image:
 	deploy/image/test-image.sh
+
+# The container executor's test image (an OCI layout with a pytest venv, built from the
+# same debootstrap base without a registry or engine; cached). Needs root and umoci.
+sandbox-image:
+	deploy/image/sandbox-image.sh
 
 serve: $(SERVE_STAMP)
 	$(BIN)/tangram serve $(ARGS)

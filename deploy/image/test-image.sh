@@ -46,24 +46,10 @@ fi
 # ---- 1. the base image ------------------------------------------------------------
 mkdir -p "$CACHE"
 if ! podman image exists "$BASE_IMAGE"; then
-    tarball="$CACHE/base-$SUITE.tar"
-    if [ ! -s "$tarball" ]; then
-        say "debootstrap $SUITE (python3, python3-venv) into $CACHE"
-        root="$CACHE/root-$SUITE"
-        rm -rf "$root"
-        # minbase: no init, no apt recommends; passwd (useradd) is in it. python3-venv
-        # brings ensurepip, which the Dockerfile's `python3 -m venv` needs.
-        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-            "$SUITE" "$root" "$MIRROR" > "$CACHE/debootstrap.log" 2>&1 \
-            || { tail -20 "$CACHE/debootstrap.log" >&2; exit 1; }
-        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-        # The host's CA bundle, so that pip inside the build trusts what the host trusts
-        # (a TLS-intercepting proxy in front of PyPI, as on the test machines).
-        cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
-        tar -C "$root" -cf "$tarball.tmp" .
-        mv "$tarball.tmp" "$tarball"
-        rm -rf "$root"
-    fi
+    # The debootstrap root as a tarball (deploy/image/base-rootfs.sh, shared with
+    # sandbox-image.sh), made once and cached under $CACHE.
+    tarball=$(TANGRAM_IMAGE_CACHE="$CACHE" TANGRAM_IMAGE_SUITE="$SUITE" \
+        TANGRAM_IMAGE_MIRROR="$MIRROR" deploy/image/base-rootfs.sh)
     say "podman import $tarball as $BASE_IMAGE"
     podman import --change 'CMD ["python3"]' "$tarball" "$BASE_IMAGE" >/dev/null
 fi

@@ -14,6 +14,7 @@ units; there is no unfenced mode behind a broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,6 +101,25 @@ class SandboxActor:
     ) -> None:
         self.runner = sandbox_runner(root, node, isolate, fencing_key, pool, sandbox)
         self.key_id = key_id(fencing_key)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _sweep(self) -> None:
+        """Start, once, the loop that removes containers idle past the runner's
+        ``idle_timeout`` (a trajectory whose client vanished without closing it, and
+        that the broker has not closed yet). The actor's constructor runs outside its
+        event loop, so the first call starts it."""
+        idle = getattr(self.runner, "close_idle", None)
+        timeout = getattr(self.runner, "idle_timeout", None)
+        if self._sweeper is not None or idle is None or timeout is None:
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(min(60.0, max(1.0, timeout / 4)))
+                with contextlib.suppress(Exception):  # keep sweeping; the next try may work
+                    await idle()
+
+        self._sweeper = asyncio.get_running_loop().create_task(loop())
 
     async def run(
         self,
@@ -109,6 +129,7 @@ class SandboxActor:
         dop: int,
         grant: SignedGrant | None = None,
     ) -> CommandResult:
+        self._sweep()
         result = await self.runner.run(trajectory, cmd, cores, dop, grant)
         result.extra["ray_node"] = ray.get_runtime_context().get_node_id()
         result.extra["executor_pid"] = os.getpid()
@@ -128,6 +149,7 @@ class SandboxActor:
         grant: SignedGrant | None = None,
     ) -> None:
         self._admit(cores, grant)
+        self._sweep()
         await self.runner.upload(trajectory, path, data)
 
     async def download(
