@@ -35,7 +35,7 @@ $(SERVE_STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check tangram tests benchmarks
+	$(BIN)/ruff check tangram tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

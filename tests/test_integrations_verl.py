@@ -20,10 +20,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +90,22 @@ CONFIG: dict[str, Any] = {
     "pools": {
         "cpu": {"kind": "cpu", "nodes": [{"name": "local", "cores": CORES, "memory_gb": 8}]},
         "api": {"kind": "quota", "concurrency": 2, "tokens_per_minute": 100_000},
+        "search": {"kind": "quota", "concurrency": 3, "tokens_per_minute": 100_000},
     },
 }
+ROLLOUTS = 16
 
-# What the sandboxed code reports: its CPU affinity, the core ids and parallelism the
-# executor gave it, its argv (where {dop} and {cores} were filled) and when it ran.
-CODE = """\
+# What the sandboxed code reports: which call it was, its CPU affinity, the core ids and
+# parallelism the executor gave it, its argv (where {dop} and {cores} were filled) and
+# when it ran. The "code" call writes answer.txt; the "test" call, a later call of the
+# same rollout, finds it in the trajectory's working directory.
+PROBE = """\
 import json, os, sys, time
 t0 = time.time()
-time.sleep(0.25)
+%s
+time.sleep(0.15)
 print(json.dumps({
+    "kind": %r,
     "affinity": sorted(os.sched_getaffinity(0)),
     "cores": os.environ["TANGRAM_CORES"],
     "dop": int(os.environ["TANGRAM_DOP"]),
@@ -106,6 +114,8 @@ print(json.dumps({
     "t1": time.time(),
 }))
 """
+CODE = PROBE % ("open('answer.txt', 'w').write('55')", "code")
+TEST = PROBE % ("assert open('answer.txt').read() == '55', 'no answer.txt'", "test")
 
 
 @pytest.fixture(scope="module")
@@ -184,43 +194,133 @@ def test_the_tools_are_verls_base_tools() -> None:
     assert tv.ToolResponse is ToolResponse
 
 
-# ---------------------------------------------------------------------- the sandbox
-async def test_sandbox_calls_run_on_their_granted_cores_never_shared(
+# ---------------------------------------------------------------------- rollouts
+class SearchServer:
+    """A fake search API on 127.0.0.1: ``POST`` a query, get hits and a usage block."""
+
+    TOKENS = 9
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                with server.lock:
+                    server.queries.append(body["query"])
+                time.sleep(0.05)
+                hits = [f"{body['query']} {i}" for i in range(3)]
+                raw = json.dumps(
+                    {"hits": hits, "usage": {"total_tokens": SearchServer.TOKENS}}
+                ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/search"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class CheckedSearch(tv.TangramApiTool):
+    """The API tool, failing if a permit of its pool is ever held by two calls at once."""
+
+    def __init__(self, config: dict[str, Any] | None = None, tool_schema: Any = None) -> None:
+        super().__init__(config, tool_schema)
+        self.held: dict[Any, str] = {}
+        self.peak = 0
+
+    async def call(self, parameters: dict[str, Any], lease: Lease, **kwargs: Any) -> Any:
+        units = list(lease.allocation[self.pool].units)
+        for u in units:
+            assert u not in self.held, f"permit {u} held by {self.held[u]} and {lease.id}"
+            self.held[u] = lease.id
+        self.peak = max(self.peak, len(self.held))
+        try:
+            return await super().call(parameters, lease, **kwargs)
+        finally:
+            for u in units:
+                del self.held[u]
+
+
+async def test_rollouts_of_code_test_and_search_calls_never_share_a_unit(
     client: Recording,
 ) -> None:
-    tool = tv.TangramSandboxTool(
+    """16 rollouts at once, each calling code (sandbox), search (quota pool, HTTP) and
+    test (sandbox, in the code call's working directory), as verl's agent loop does."""
+    sandbox = {
+        "type": "native",
+        "pool": "cpu",
+        "demand": {"min": 1, "max": 2},
+        "duration": 0.15,
+        "efficiency": {"amdahl": 0.9},
+        "timeout": 60,
+        "run_timeout": 30,
+    }
+    code = tv.TangramSandboxTool(
+        {**sandbox, "command": "{python} solution.py --dop {dop} --cores {cores}"}, None
+    )
+    test = tv.TangramSandboxTool(
         {
-            "type": "native",
-            "pool": "cpu",
-            "demand": {"min": 1, "max": 2},
-            "duration": 0.25,
-            "efficiency": {"amdahl": 0.9},
-            "command": "{python} solution.py --dop {dop} --cores {cores}",
-            "timeout": 60,
-            "run_timeout": 30,
+            **sandbox,
+            "code_param": "tests",
+            "filename": "test_solution.py",
+            "command": "{python} test_solution.py --dop {dop} --cores {cores}",
         },
         None,
     )
-    tool.tangram_client = client
-    rollouts = [AgentData() for _ in range(6)]
+    server = SearchServer()
+    search = CheckedSearch(
+        {"type": "native", "pool": "search", "url": server.url, "tokens": 50, "timeout": 60},
+        None,
+    )
+    for tool in (code, test, search):
+        tool.tangram_client = client
+    rollouts = [AgentData() for _ in range(ROLLOUTS)]
 
-    async def rollout(agent: AgentData) -> list[tuple[Any, dict[str, Any]]]:
+    async def rollout(n: int, agent: AgentData) -> list[tuple[str, Any, dict[str, Any]]]:
         out = []
-        for turn in range(2):
-            await asyncio.sleep(0.01 * turn)  # "generation" between tool calls
-            response, reward, metrics = await call_tool(tool, {"code": CODE}, agent)
+        for kind, tool, args in (
+            ("code", code, {"code": CODE}),
+            ("search", search, {"query": f"q{n}"}),
+            ("test", test, {"tests": TEST}),
+        ):
+            await asyncio.sleep(0.01)  # "generation" between tool calls
+            response, reward, metrics = await call_tool(tool, args, agent)
             assert reward == 0.0
-            out.append((response, metrics))
+            out.append((kind, response, metrics))
         return out
 
-    results = await asyncio.gather(*(rollout(a) for a in rollouts))
+    try:
+        results = await asyncio.gather(*(rollout(n, a) for n, a in enumerate(rollouts)))
+    finally:
+        await search.aclose()
+        server.close()
     runs = []
     for agent, calls in zip(rollouts, results, strict=True):
-        for response, metrics in calls:
+        assert [kind for kind, _, _ in calls] == ["code", "search", "test"]
+        for kind, response, metrics in calls:
             assert isinstance(response, ToolResponse)
-            assert metrics["exit_code"] == 0, response.text
+            assert "tangram_error" not in metrics, response.text
             assert metrics["trajectory"] == f"verl-{agent.request_id}"
+            if kind == "search":
+                assert metrics["tokens"] == SearchServer.TOKENS
+                assert len(json.loads(response.text)["hits"]) == 3
+                continue
+            assert metrics["exit_code"] == 0, response.text
             seen = json.loads(response.text)
+            assert seen["kind"] == kind
             # The command ran on exactly the granted cores, {dop} and {cores} filled in.
             assert seen["affinity"] == sorted(metrics["cores"])
             assert seen["cores"] == ",".join(map(str, metrics["cores"]))
@@ -228,22 +328,31 @@ async def test_sandbox_calls_run_on_their_granted_cores_never_shared(
             assert seen["argv"] == ["--dop", str(metrics["dop"]), "--cores", seen["cores"]]
             assert set(seen["affinity"]) <= set(CORES)
             runs.append(seen)
+    assert len(runs) == 2 * ROLLOUTS
     # No core ran two commands at once.
     for i, a in enumerate(runs):
         for b in runs[i + 1 :]:
             if a["t0"] < b["t1"] and b["t0"] < a["t1"]:
                 assert not set(a["affinity"]) & set(b["affinity"]), (a, b)
-    assert len(client.released) == 12
+    # Every search reached the server, never more at once than the pool's permits.
+    assert sorted(server.queries) == sorted(f"q{n}" for n in range(ROLLOUTS))
+    assert 1 <= search.peak <= CONFIG["pools"]["search"]["concurrency"]
+    assert len(client.released) == 3 * ROLLOUTS
     assert all(outcome == "ok" for _, outcome, _ in client.released)
-    assert tool._instances == {}  # every instance released
+    tokens = [u for _, _, u in client.released if u.get("tokens") is not None]
+    assert tokens == [{"tokens": SearchServer.TOKENS}] * ROLLOUTS
+    for tool in (code, test, search):
+        assert tool._instances == {}  # every instance released
     snap = await client.snapshot()
-    assert snap["leases"] == 0 and snap["pools"]["cpu"]["in_use"] == 0
+    assert snap["leases"] == 0
+    assert snap["pools"]["cpu"]["in_use"] == 0 and snap["pools"]["search"]["in_use"] == 0
     # The trajectories stay open (verl never says a rollout ended) until they are idle
     # for trajectory_idle_seconds; then the broker closes them.
     snap = await until(client, lambda s: s["pools"]["cpu"]["trajectories"] == 0)
-    assert snap["counts"]["idle_closed"] >= 6
+    assert snap["counts"]["idle_closed"] >= ROLLOUTS
 
 
+# ---------------------------------------------------------------------- the sandbox
 async def test_sandbox_trajectory_from_create_kwargs_and_bad_calls(client: Recording) -> None:
     tool = tv.TangramSandboxTool({"type": "native", "command": "{python} solution.py"}, None)
     tool.tangram_client = client
