@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
@@ -21,14 +22,15 @@ from tangram.kinds.base import ConfigError, Strict
 from tangram.kinds.cpu import CpuNodeConfig, CpuPoolConfig
 from tangram.kinds.gpu import GpuNodeConfig, GpuPoolConfig, ServiceConfig
 from tangram.kinds.quota import QuotaPoolConfig, RateConfig, WindowConfig
+from tangram.spec import Demand, InvalidAction
 
 # The models of the built-in kinds live with their kinds (tangram.kinds); they are
 # named here too, where configuration code looks for them.
 __all__ = [
-    "Config", "ConfigError", "CpuNodeConfig", "CpuPoolConfig", "GpuNodeConfig",
-    "GpuPoolConfig", "PoolConfig", "QuotaPoolConfig", "RateConfig", "ServerConfig",
-    "ServiceConfig", "Tenant", "TenantConfig", "WindowConfig", "build_pool",
-    "default_config", "load_config", "parse_config",
+    "Config", "ConfigError", "CpuNodeConfig", "CpuPoolConfig", "GatewayConfig",
+    "GatewayModelConfig", "GpuNodeConfig", "GpuPoolConfig", "PoolConfig", "QuotaPoolConfig",
+    "RateConfig", "ServerConfig", "ServiceConfig", "Tenant", "TenantConfig", "WindowConfig",
+    "build_pool", "default_config", "load_config", "parse_config",
 ]  # fmt: skip
 
 
@@ -118,6 +120,82 @@ class ServerConfig(Strict):
         return out
 
 
+class GatewayModelConfig(Strict):
+    """One model the OpenAI-compatible gateway serves: the pool its calls lease and
+    the OpenAI-compatible server they are forwarded to."""
+
+    pool: str = Field(..., min_length=1, description="the pool every call leases from")
+    upstream: str = Field(
+        ..., description="base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1"
+    )
+    demand: Any = Field(1, description="units of the pool per call: 1, {min, max} or [choices]")
+    service: str | None = Field(None, description="the GPU pool's service (model) the call uses")
+    tokens: int | None = Field(
+        None, ge=1, description="tokens to charge at grant (else max_tokens + prompt estimate)"
+    )
+    api_key: str | None = Field(None, description="bearer token sent upstream (never the tenant's)")
+    timeout_seconds: float = Field(
+        600.0, gt=0, description="upstream connect/read timeout (between two chunks of a stream)"
+    )
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        parts = urllib.parse.urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"upstream {v!r} is not an http(s) URL with a host; write the server's "
+                "base URL, e.g. http://127.0.0.1:8001/v1"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"upstream {v!r}: a base URL has no query or fragment")
+        try:
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError as exc:
+            raise ValueError(f"upstream {v!r}: {exc}") from None
+        return v.rstrip("/")
+
+    @field_validator("demand")
+    @classmethod
+    def _demand(cls, v: Any) -> Any:
+        try:
+            Demand.parse(v, "gateway").check_shape("gateway")
+        except InvalidAction as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class GatewayConfig(Strict):
+    """The OpenAI-compatible gateway of ``tangram serve`` (docs/http-api.md)."""
+
+    models: dict[str, GatewayModelConfig] = Field(default_factory=dict)
+    queue_timeout_seconds: float = Field(
+        300.0, gt=0, description="longest wait in the pool's queue; then 429"
+    )
+    max_hold_seconds: float = Field(
+        30.0, ge=0, description="longest an upstream 429's Retry-After holds the call's units"
+    )
+    max_connections: int = Field(1000, ge=1, description="upstream connections at most")
+
+    def check(self, pools: dict[str, Any]) -> None:
+        """ConfigError for a model on a pool that does not exist (or a service that
+        its pool does not run)."""
+        for name, m in self.models.items():
+            where = f"gateway.models.{name}"
+            pool = pools.get(m.pool)
+            if pool is None:
+                raise ConfigError(
+                    f"{where}.pool: unknown pool {m.pool!r}; the pools are "
+                    f"{', '.join(sorted(pools))}"
+                )
+            if m.service is not None:
+                services = getattr(pool, "services", None)
+                if services is None or m.service not in services:
+                    raise ConfigError(
+                        f"{where}.service: pool {m.pool!r} has no service {m.service!r}"
+                    )
+
+
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -140,6 +218,7 @@ class Config(Strict):
     durability: Literal["normal", "full"] = "normal"
     pools: dict[str, PoolConfig] = Field(..., min_length=1)
     server: ServerConfig = Field(default_factory=lambda: ServerConfig.model_validate({}))
+    gateway: GatewayConfig = Field(default_factory=lambda: GatewayConfig.model_validate({}))
     # Where the file was read from: ``server.tokens_file`` is relative to it.
     _source: Path | None = PrivateAttr(None)
 
@@ -188,6 +267,7 @@ def parse_config(data: Any) -> Config:
             lines.append(f"{where}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     cfg.build_pools()  # raises ConfigError for what the schema alone cannot see
+    cfg.gateway.check(dict(cfg.pools))
     return cfg
 
 

@@ -32,6 +32,7 @@ LAYERS = {
     "tangram.ray": 7,
     "tangram.cli": 8,
     "tangram.integrations": 8,  # adapters for RL frameworks, on top of every door
+    "tangram.testing": 0,  # the engine emulator (a process of its own; imports no tangram)
 }
 CONCRETE_MANAGERS = {"CpuManager", "GpuManager", "QuotaManager"}
 

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from tangram.broker import Broker
 from tangram.config import Config, Tenant
 from tangram.server import limits, observe, openapi, problems
-from tangram.server.routes import actions, health, leases, pools, trajectories
+from tangram.server.gateway import Gateway
+from tangram.server.routes import actions, gateway, health, leases, pools, trajectories
 from tangram.server.service import Service
 
 
@@ -35,16 +36,18 @@ def create_app(
     restoring those of a previous process). ``on_stop`` runs at shutdown (uvicorn
     re-raises SIGTERM after it, so code after ``run`` never does)."""
     svc = Service(cfg, cfg.tenants() if tenants is None else tenants, broker, data_dir)
+    gw = Gateway(cfg.gateway, svc)
     app = FastAPI(
         title="Tangram lease API",
         version="1",
         description="Lease pooled units (CPU cores, GPU chunks, API permits) for single "
         "actions of RL trajectories. Errors are RFC 9457 problem details.",
         openapi_tags=openapi.TAGS,
-        lifespan=_lifespan(svc, on_stop),
+        lifespan=_lifespan(svc, gw, on_stop),
         **_NO_TELEMETRY,
     )
     app.state.service = svc
+    app.state.gateway = gw
     problems.install(app)
     # Inside observe: its metrics count the 413s (and a submit's among the refusals).
     limits.install(app, svc.settings, too_large=svc.too_large)
@@ -63,6 +66,9 @@ def create_app(
         observe.TemplateRoute(
             "/v1/leases/{lease_id}/release", leases.release_fast, methods=["POST"]
         ),
+        # The OpenAI-compatible gateway (docs/http-api.md): plain routes, out of the
+        # document, matched early since every forwarded call passes here.
+        *gateway.ROUTES,
     ]
     openapi.install(app, bearer=bool(svc.tenants))
     return app
@@ -80,12 +86,13 @@ _NO_TELEMETRY: dict[str, Any] = (
 
 
 def _lifespan(
-    svc: Service, on_stop: Callable[[], None] | None
+    svc: Service, gw: Gateway, on_stop: Callable[[], None] | None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.adopt_restored()
         yield
+        await gw.aclose()
         if svc.owns_broker:
             await svc.broker.close()
         if on_stop is not None:
