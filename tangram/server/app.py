@@ -17,7 +17,7 @@ from tangram.broker import Broker
 from tangram.config import Config, Tenant
 from tangram.server import limits, observe, openapi, problems
 from tangram.server.gateway import Gateway
-from tangram.server.routes import actions, gateway, health, leases, pools, trajectories
+from tangram.server.routes import actions, docs, gateway, health, leases, pools, trajectories
 from tangram.server.service import Service
 
 
@@ -44,6 +44,9 @@ def create_app(
         "actions of RL trajectories. Errors are RFC 9457 problem details.",
         openapi_tags=openapi.TAGS,
         lifespan=_lifespan(svc, gw, on_stop),
+        # Served from bundled files by routes/docs.py: FastAPI's pages load from a CDN.
+        docs_url=None,
+        redoc_url=None,
         **_NO_TELEMETRY,
     )
     app.state.service = svc
@@ -58,6 +61,7 @@ def create_app(
     app.include_router(trajectories.router(auth))
     app.include_router(pools.router(auth))
     app.include_router(health.router)
+    docs.install(app)
     # The two calls of every lease cycle skip FastAPI's routing and parameter machinery
     # (they read their requests in parse.py); the FastAPI routes above stay for the
     # OpenAPI document, and answer the same if reached.
