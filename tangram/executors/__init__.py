@@ -6,7 +6,9 @@ wraps them in actors placed on the right nodes.
 - ``SandboxRunner``: commands in a trajectory's persistent working directory, as a child
   process pinned to exactly the granted cores.
 - ``ServiceHost``: GPU services (models) kept in host memory, restored onto the granted
-  devices, evicted when the broker says so.
+  devices, evicted when the broker says so; or served by engines (``VllmEngine``,
+  ``SglangEngine``, ``InProcessEngine``) whose instances sleep on eviction and wake on
+  restore (docs/gpu-services.md).
 - ``Fence``, ``GrantSigner``, ``SignedGrant``: executors run work only under a grant the
   broker signed for exactly its units, unexpired and not older than the newest fencing
   token seen for them; refusals are ``StaleLease``, ``ForgedGrant`` and
@@ -15,6 +17,15 @@ wraps them in actors placed on the right nodes.
 """
 
 from tangram.executors.api import HttpCall, HttpCaller, HttpResult
+from tangram.executors.engines import (
+    Engine,
+    EngineError,
+    HttpEngine,
+    InProcessEngine,
+    Instance,
+    SglangEngine,
+    VllmEngine,
+)
 from tangram.executors.fencing import (
     Fence,
     FencingError,
@@ -30,6 +41,8 @@ from tangram.executors.service import ServiceCall, ServiceHost, ServiceResult, S
 __all__ = [
     "Command",
     "CommandResult",
+    "Engine",
+    "EngineError",
     "Fence",
     "FencingError",
     "ForgedGrant",
@@ -37,13 +50,18 @@ __all__ = [
     "GrantSigner",
     "HttpCall",
     "HttpCaller",
+    "HttpEngine",
     "HttpResult",
+    "InProcessEngine",
+    "Instance",
     "Limits",
     "SandboxRunner",
     "ServiceCall",
     "ServiceHost",
     "ServiceResult",
     "ServiceSpec",
+    "SglangEngine",
     "SignedGrant",
     "StaleLease",
+    "VllmEngine",
 ]

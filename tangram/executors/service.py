@@ -11,21 +11,33 @@ Devices are named like torch's: ``cpu`` or ``cuda:N``. With no GPU (CI) the devi
 the CPU, and a restore is a real copy of the host arrays into fresh memory, so load,
 restore, evict and run are exercised for real. States are numpy arrays, objects with a
 ``.to(device)`` method (torch tensors and modules), or dicts, lists and tuples of them;
-a service may bring its own ``to_device`` instead.
+a service may bring its own ``to_device`` instead, and an ``evict`` hook that releases
+device memory when its copy is dropped (``torch.cuda.empty_cache()``, say).
+
+A service with an ``engine`` (tangram/executors/engines.py: vLLM, SGLang, in process) is
+served by engine instances instead, one per chunk: evictions put instances to sleep,
+all of them before the granted instance is woken (or launched), so two engines never
+hold the same GPUs' memory at once; the call is an HTTP request to the instance, and
+the measured wake time is the restore time. See docs/gpu-services.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tangram.executors.engines import Engine, EngineError, Instance
 from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
 from tangram.spec import Resident
+
+LAUNCH_POLICIES = ("on-demand", "pre-launched")
+Key = tuple[str, int, int]  # (service, chunk size, first GPU): one variant on one chunk
 
 
 class ServiceError(ValueError):
@@ -35,12 +47,32 @@ class ServiceError(ValueError):
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:
     """How to build and run one service: ``loader()`` returns the host state,
-    ``run(state_on_device, payload)`` serves one call."""
+    ``run(state_on_device, payload)`` serves one call; ``evict(state_on_device)``, if
+    given, runs when the broker evicts that copy (to release device memory).
+
+    Or an ``engine`` serves it (``loader`` and ``run`` are then not used): ``launch`` is
+    ``"on-demand"`` (an instance is launched at the first call on a chunk and kept,
+    asleep, after evictions) or ``"pre-launched"`` (at registration, an instance on
+    every chunk of a size in ``parallelism``, each put to sleep until needed);
+    ``sleep_level`` is what evictions pass to ``Instance.sleep``."""
 
     name: str
-    loader: Callable[[], Any]
-    run: Callable[[Any, Any], Any]
+    loader: Callable[[], Any] | None = None
+    run: Callable[[Any, Any], Any] | None = None
     to_device: Callable[[Any, str], Any] | None = None
+    evict: Callable[[Any], Any] | None = None
+    engine: Engine | None = None
+    launch: str = "on-demand"
+    parallelism: tuple[int, ...] = (1,)
+    sleep_level: int = 1
+
+    def __post_init__(self) -> None:
+        if self.launch not in LAUNCH_POLICIES:
+            raise ServiceError(f"launch must be one of {LAUNCH_POLICIES}, got {self.launch!r}")
+        if self.engine is None and (self.loader is None or self.run is None):
+            raise ServiceError(f"service {self.name!r} needs a loader and a run, or an engine")
+        if not self.parallelism or any(k < 1 for k in self.parallelism):
+            raise ServiceError(f"parallelism must be GPU counts >= 1, got {self.parallelism}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +91,11 @@ class ServiceResult:
     device: str
     node: str = ""
     resident: list[Resident] = field(default_factory=list)
+    # Engine services: a cold start is not a restore (the cost model learns wake times),
+    # so it is reported apart; ``url`` is the instance that served the call.
+    launched: bool = False
+    launch_seconds: float = 0.0
+    url: str = ""
 
 
 def to_device(state: Any, device: str) -> Any:
@@ -83,7 +120,8 @@ class ServiceHost:
 
     Calls are fenced like ``SandboxRunner``'s: the lease's signed grant, checked with
     ``fencing_key`` against ``node`` and ``pool``; ``trusted=True`` also serves calls
-    without one (direct trusted use only)."""
+    without one (direct trusted use only). ``gpus`` (the node's GPU count) is needed
+    only by pre-launched engine services, to know every chunk they could be granted."""
 
     def __init__(
         self,
@@ -94,6 +132,7 @@ class ServiceHost:
         fencing_key: bytes | None = None,
         trusted: bool = False,
         grant_skew: float = DEFAULT_SKEW,
+        gpus: int = 0,
     ) -> None:
         if device_kind not in ("cpu", "cuda"):
             raise ServiceError(f"device kind must be 'cpu' or 'cuda', got {device_kind!r}")
@@ -101,22 +140,66 @@ class ServiceHost:
         self.node = node
         self.pool = pool
         self.device_kind = device_kind
+        self.gpus = gpus
         self.specs: dict[str, ServiceSpec] = {}
         self.host: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
         # (service, chunk size, first unit) -> the state on that chunk's device
-        self.resident: dict[tuple[str, int, int], Any] = {}
+        self.resident: dict[Key, Any] = {}
+        # Engine services: every instance launched, and those awake (holding GPU memory).
+        self.instances: dict[Key, Instance] = {}
+        self.awake: set[Key] = set()
 
     def register(self, spec: ServiceSpec) -> float:
-        """Build the service's host copy now; return how long loading took."""
+        """Build the service's host copy now (or, pre-launched, start its sleeping
+        instances); return how long that took."""
         if not spec.name:
             raise ServiceError("a service needs a name")
         t0 = time.perf_counter()
-        self.host[spec.name] = spec.loader()
+        if spec.engine is not None:
+            if spec.launch == "pre-launched":
+                _blocking(self._prelaunch(spec))
+        else:
+            assert spec.loader is not None  # ServiceSpec checked it
+            self.host[spec.name] = spec.loader()
         took = time.perf_counter() - t0
         self.specs[spec.name] = spec
         self.load_seconds[spec.name] = took
         return took
+
+    def chunks(self, spec: ServiceSpec) -> list[tuple[int, ...]]:
+        """Every chunk the GPU pool could grant ``spec``: aligned runs of k GPUs, for
+        each k in its parallelism, as the GPU manager cuts them."""
+        return [
+            tuple(range(start, start + k))
+            for k in sorted(set(spec.parallelism))
+            for start in range(0, self.gpus - k + 1, k)
+        ]
+
+    async def _prelaunch(self, spec: ServiceSpec) -> None:
+        engine = spec.engine
+        assert engine is not None
+        chunks = self.chunks(spec)
+        if not chunks:
+            raise ServiceError(
+                f"service {spec.name!r} is pre-launched but no chunk of {spec.parallelism} "
+                f"GPUs fits this host's {self.gpus}; pass ServiceHost(gpus=...)"
+            )
+        # One at a time, each asleep before the next starts: an engine starts awake,
+        # holding its GPUs' memory, and the next one on those GPUs needs it.
+        started: list[Instance] = []
+        try:
+            for chunk in chunks:
+                inst = await asyncio.to_thread(engine.launch, chunk)
+                started.append(inst)
+                await inst.sleep(spec.sleep_level)
+                self.instances[(spec.name, len(chunk), chunk[0])] = inst
+        except BaseException:
+            for inst in started:
+                inst.stop()
+            for chunk in chunks:
+                self.instances.pop((spec.name, len(chunk), chunk[0]), None)
+            raise
 
     def device(self, units: Sequence[int]) -> str:
         # A chunk's state lives on its first GPU; a tensor-parallel service splits it
@@ -124,14 +207,36 @@ class ServiceHost:
         return "cpu" if self.device_kind == "cpu" else f"cuda:{units[0]}"
 
     def evict(self, victims: Sequence[Resident]) -> list[Resident]:
-        """Drop the broker's evictions (``Allocation.evicts``); return those dropped."""
+        """Drop the broker's evictions (``Allocation.evicts``) held in this process;
+        return those dropped. (Engine instances sleep in ``release``.)"""
         for victim in victims:  # a caller's bug, refused before anything is dropped
             if not isinstance(victim, Resident):
                 raise ServiceError(f"cannot read eviction {victim!r}: expected a Resident")
         out = []
         for victim in victims:
-            if self.resident.pop((victim.service, victim.k, victim.start), None) is not None:
+            state = self.resident.pop((victim.service, victim.k, victim.start), None)
+            if state is not None:
+                spec = self.specs.get(victim.service)
+                if spec is not None and spec.evict is not None:
+                    spec.evict(state)
                 out.append(victim)
+        return out
+
+    async def release(self, victims: Sequence[Resident]) -> list[Resident]:
+        """Carry out the broker's evictions: drop in-process copies and put engine
+        instances to sleep; returns once every one is done (or raises)."""
+        out = self.evict(victims)
+        asleep = [
+            key
+            for key in ((v.service, v.k, v.start) for v in victims)
+            if key in self.awake and key in self.instances
+        ]
+        await asyncio.gather(
+            *(self.instances[k].sleep(self._spec(k[0]).sleep_level) for k in asleep)
+        )
+        for key in asleep:
+            self.awake.discard(key)
+        out += [Resident(s, k, self.node, u) for s, k, u in asleep]
         return out
 
     def restore(self, service: str, units: Sequence[int]) -> float:
@@ -161,7 +266,12 @@ class ServiceHost:
         self.fence.admit(
             units, grant, f"GPU node {self.node or 'here'}", node=self.node, pool=self.pool
         )
-        evicted = self.evict(evicts)
+        # Evictions first, all of them, whatever the service: only then is the granted
+        # service restored, so the evicted and the granted never hold the memory at once.
+        evicted = await self.release(evicts)
+        if spec.engine is not None:
+            return await self._run_engine(spec, units, evicted, payload)
+        assert spec.run is not None
         key = (service, len(units), units[0])
         # Restore whenever the state is not here, whatever the broker believed: after an
         # executor restart its cache is empty even where the broker's is not.
@@ -179,9 +289,66 @@ class ServiceHost:
             resident=self.residents(),
         )
 
+    async def _run_engine(
+        self, spec: ServiceSpec, units: Sequence[int], evicted: list[Resident], payload: Any
+    ) -> ServiceResult:
+        assert spec.engine is not None
+        key = (spec.name, len(units), units[0])
+        inst = self.instances.get(key)
+        if inst is not None and tuple(inst.gpus) != tuple(units):
+            raise ServiceError(f"instance {inst.url} runs on GPUs {inst.gpus}, not {list(units)}")
+        launched = restored = False
+        seconds = launch_seconds = 0.0
+        if inst is None:  # on demand, or a pre-launched instance that was stopped
+            t0 = time.perf_counter()
+            inst = await asyncio.to_thread(spec.engine.launch, units)
+            launch_seconds = time.perf_counter() - t0
+            self.instances[key] = inst
+            launched = True
+        elif key not in self.awake:
+            t0 = time.perf_counter()
+            await self._or_forget(key, inst.wake())
+            seconds = time.perf_counter() - t0
+            restored = True
+        self.awake.add(key)
+        output = await self._or_forget(key, inst.call(payload))
+        return ServiceResult(
+            output=output,
+            restored=restored,
+            restore_seconds=seconds,
+            evicted=evicted,
+            device=self.device(units),
+            node=self.node,
+            resident=self.residents(),
+            launched=launched,
+            launch_seconds=launch_seconds,
+            url=inst.url,
+        )
+
+    async def _or_forget(self, key: Key, step: Coroutine[Any, Any, Any]) -> Any:
+        """``step``; if it fails and the instance is dead, forget the instance (its
+        error says why, with its stderr) so that the next call launches a new one."""
+        try:
+            return await step
+        except EngineError:
+            inst = self.instances[key]
+            if not await inst.health():
+                inst.stop()
+                del self.instances[key]
+                self.awake.discard(key)
+            raise
+
     def residents(self) -> list[Resident]:
-        """What is resident on this node's devices, sorted."""
-        return sorted(Resident(s, k, self.node, u) for s, k, u in self.resident)
+        """What is resident on this node's devices (engine instances: awake), sorted."""
+        keys = {*self.resident, *self.awake}
+        return sorted(Resident(s, k, self.node, u) for s, k, u in keys)
+
+    def close(self) -> None:
+        """Stop every engine instance (their processes end)."""
+        for inst in self.instances.values():
+            inst.stop()
+        self.instances.clear()
+        self.awake.clear()
 
     def _spec(self, service: str) -> ServiceSpec:
         spec = self.specs.get(service)
@@ -189,3 +356,18 @@ class ServiceHost:
             known = ", ".join(sorted(self.specs)) or "none"
             raise ServiceError(f"service {service!r} is not registered here; registered: {known}")
         return spec
+
+
+def _blocking(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to the end from synchronous code, inside an event loop or not.
+
+    Registration is synchronous (the Ray actor registers in its constructor) while
+    instances sleep and wake asynchronously; inside a running loop the coroutine gets
+    a loop of its own in a worker thread, and the caller waits as it does for a loader."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coro)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coro).result()

@@ -190,8 +190,11 @@ class ServiceActor:
         services: Sequence[ServiceSpec],
         fencing_key: bytes,
         pool: str,
+        gpus: int = 0,
     ) -> None:
-        self.host = ServiceHost(node, device_kind, pool=pool, fencing_key=fencing_key)
+        # ``gpus``: the node's GPU count in the pool, for the chunks a pre-launched
+        # engine service starts an instance on (tangram/executors/engines.py).
+        self.host = ServiceHost(node, device_kind, pool=pool, fencing_key=fencing_key, gpus=gpus)
         self.key_id = key_id(fencing_key)
         for spec in services:
             self.host.register(spec)
@@ -316,7 +319,9 @@ def start_executors(
                 if device_kind == "cuda":
                     opts["num_gpus"] = gpus[node][0]
                 started.append(
-                    cls.options(**opts).remote(node, device_kind, specs, fencing_key, pool)
+                    cls.options(**opts).remote(
+                        node, device_kind, specs, fencing_key, pool, gpus[node][0]
+                    )
                 )
     infos = ray.get([h.info.remote() for h in started])
     # ``get_if_exists`` hands back an executor that outlived an earlier broker: with

@@ -16,6 +16,17 @@ prompt's whitespace-separated words (chat: of the messages' contents), and
 ``completion_tokens`` is ``max_tokens``. Ids and ``created`` come from the same hash, so
 the same request gets the same bytes every time.
 
+``GET /info`` says what it was launched with: the GPU ids of ``CUDA_VISIBLE_DEVICES``,
+the tensor parallelism (``--tensor-parallel-size``, or SGLang's ``--tp``), whether it
+sleeps. ``--wake-delay`` makes waking take that long, as a real engine's reload does.
+
+GPU memory, emulated: with ``--memory-gb`` and the environment variable
+``TANGRAM_EMULATOR_GPU_DIR`` (a directory shared by the emulators of one test), an
+awake emulator holds that many GB on each of its GPUs, in an accounting file there;
+starting or waking beyond ``--gpu-memory-gb`` per GPU fails with "CUDA out of memory"
+(at start: the process exits 1), as a real engine's would. Sleeping gives the memory
+back. Every start, wake and sleep is appended to ``events.jsonl`` there, in order.
+
 Run it as ``python -m tangram.testing.engine --port 0``: it prints ``engine: URL`` on
 one line of stdout when it serves (needs the ``server`` extra: uvicorn)."""
 
@@ -23,12 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -37,6 +53,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+GPU_DIR_ENV = "TANGRAM_EMULATOR_GPU_DIR"
 CREATED_BASE = 1_700_000_000
 DEFAULT_MAX_TOKENS = 16
 JSON = [(b"content-type", b"application/json")]
@@ -90,6 +107,71 @@ class Stats:
     disconnects: int = 0  # streams the client left before the end
 
 
+class OutOfMemory(Exception):
+    pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class GpuMemory:
+    """What the emulators sharing ``root`` hold on each GPU: ``gpus.json`` maps a GPU
+    id to {pid: GB}, changed under a lock; entries of dead processes are dropped."""
+
+    root: Path
+    gpus: list[str]
+    gb: float
+    capacity: float
+    pid: int = field(default_factory=os.getpid)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, dict[str, float]]]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.root / "gpus.json"
+            text = path.read_text() if path.exists() else ""
+            held: dict[str, dict[str, float]] = json.loads(text or "{}")
+            for per in held.values():
+                for pid in [p for p in per if not _alive(int(p))]:
+                    del per[pid]
+            yield held
+            path.write_text(json.dumps(held))
+
+    def _event(self, event: str) -> None:
+        line = {"t": time.time(), "pid": self.pid, "gpus": self.gpus, "event": event}
+        with open(self.root / "events.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def claim(self, event: str) -> None:
+        """Hold ``gb`` on each GPU, or raise OutOfMemory and hold nothing."""
+        with self._locked() as held:
+            for g in self.gpus:
+                used = sum(v for p, v in held.get(g, {}).items() if p != str(self.pid))
+                if used + self.gb > self.capacity:
+                    raise OutOfMemory(
+                        f"CUDA out of memory: GPU {g} has {used:g} of {self.capacity:g} GB "
+                        f"in use; {self.gb:g} GB more do not fit"
+                    )
+            for g in self.gpus:
+                held.setdefault(g, {})[str(self.pid)] = self.gb
+            self._event(event)
+
+    def free(self, event: str) -> None:
+        with self._locked() as held:
+            for g in self.gpus:
+                held.get(g, {}).pop(str(self.pid), None)
+            self._event(event)
+
+
 @dataclass
 class Engine:
     """The ASGI app. Latency before the first byte; ``token_delay`` between chunks."""
@@ -102,6 +184,10 @@ class Engine:
     max_model_len: int = 4096
     stats: Stats = field(default_factory=Stats)
     sleep_level: int = 0  # 0: awake
+    gpus: list[str] = field(default_factory=list)  # CUDA_VISIBLE_DEVICES
+    tp: int = 1
+    wake_delay: float = 0.0
+    memory: GpuMemory | None = None  # None: no accounting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -262,23 +348,60 @@ class Engine:
         if level not in ("1", "2"):
             await respond(send, 400, error(f"level {level!r}: 1 or 2", "BadRequestError", 400))
             return
-        self.sleep_level = int(level)
+        self._to_sleep(int(level))
         await respond(send, 200, b"", [])
 
     async def wake_up(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        self.sleep_level = 0
+        problem = await self._wake()
+        if problem:
+            await respond(send, 500, error(problem, "InternalServerError", 500))
+            return
         await respond(send, 200, b"", [])
+
+    def _to_sleep(self, level: int) -> None:
+        if not self.sleep_level and self.memory is not None:
+            self.memory.free("sleep")
+        self.sleep_level = level
+
+    async def _wake(self) -> str:
+        """Wake up; '' or why not (the memory is taken: it stays asleep)."""
+        if not self.sleep_level:
+            return ""
+        if self.wake_delay > 0:
+            await asyncio.sleep(self.wake_delay)
+        if self.memory is not None:
+            try:
+                self.memory.claim("wake")
+            except OutOfMemory as exc:
+                return str(exc)
+        self.sleep_level = 0
+        return ""
 
     async def is_sleeping(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         await respond(send, 200, dumps({"is_sleeping": bool(self.sleep_level)}))
 
     async def release_memory(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        self.sleep_level = 2  # SGLang frees weights and KV cache: vLLM's level 2
+        self._to_sleep(2)  # SGLang frees weights and KV cache: vLLM's level 2
         await respond(send, 200, dumps({"success": True, "message": "memory released"}))
 
     async def resume_memory(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        self.sleep_level = 0
+        problem = await self._wake()
+        if problem:
+            await respond(send, 500, dumps({"success": False, "message": problem}))
+            return
         await respond(send, 200, dumps({"success": True, "message": "memory resumed"}))
+
+    async def info(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        answer = {
+            "gpus": [int(g) if g.isdigit() else g for g in self.gpus],
+            "tp": self.tp,
+            "sleeping": bool(self.sleep_level),
+            "sleep_level": self.sleep_level,
+            "memory_gb": self.memory.gb if self.memory else None,
+            "models": self.models,
+            "pid": os.getpid(),
+        }
+        await respond(send, 200, dumps(answer))
 
     # ---- what tests read -------------------------------------------------------------
     async def get_stats(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
@@ -302,6 +425,7 @@ _ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/is_sleeping"): Engine.is_sleeping,
     ("POST", "/release_memory_occupation"): Engine.release_memory,
     ("POST", "/resume_memory_occupation"): Engine.resume_memory,
+    ("GET", "/info"): Engine.info,
     ("GET", "/stats"): Engine.get_stats,
     ("POST", "/stats/reset"): Engine.reset_stats,
 }
@@ -368,7 +492,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--token-delay", type=float, default=0.0, help="seconds between chunks")
     ap.add_argument("--max-concurrency", type=int, default=0, help="429 past this; 0: none")
     ap.add_argument("--retry-after", type=int, default=1, help="Retry-After of the 429")
+    ap.add_argument(
+        "--tensor-parallel-size", "--tp", dest="tp", type=int, default=1, help="reported only"
+    )
+    ap.add_argument("--wake-delay", type=float, default=0.0, help="seconds a wake takes")
+    ap.add_argument(
+        "--memory-gb", type=float, default=0.0, help=f"GB held per GPU awake, with ${GPU_DIR_ENV}"
+    )
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="each GPU's memory")
     args = ap.parse_args(argv)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpus = [g.strip() for g in visible.split(",") if g.strip()]
+    memory = None
+    if args.memory_gb > 0 and os.environ.get(GPU_DIR_ENV):
+        memory = GpuMemory(Path(os.environ[GPU_DIR_ENV]), gpus, args.memory_gb, args.gpu_memory_gb)
+        try:
+            memory.claim("start")  # an engine starts awake, its weights loaded
+        except OutOfMemory as exc:
+            sys.exit(f"engine failed to start: {exc}")
     try:
         import uvicorn
     except ImportError:
@@ -379,6 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         token_delay=args.token_delay,
         max_concurrency=args.max_concurrency,
         retry_after=args.retry_after,
+        gpus=gpus,
+        tp=args.tp,
+        wake_delay=args.wake_delay,
+        memory=memory,
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
