@@ -42,20 +42,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tangram.executors.cgroups import cpulist, numa_nodes
 from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
 from tangram.executors.images import Image, ImageStore
-from tangram.executors.sandbox import Command, CommandResult, Limits, SandboxError, fill
+from tangram.executors.sandbox import (
+    THREAD_VARS,
+    Command,
+    CommandResult,
+    Limits,
+    SandboxError,
+    fill,
+    granted_cores,
+)
 
 NOBODY = 65534
 WORKDIR = "/work"
-# Thread pools of numeric libraries follow the grant, not the machine.
-THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "RAYON_NUM_THREADS",
-)
 # The container's first process: it only waits. With SIGCHLD ignored (which survives
 # exec on Linux) the kernel reaps at once the orphans it adopts, so killed commands leave
 # no zombies counting against the pids limit: coreutils' env can set that up, else the
@@ -288,16 +289,7 @@ class ContainerRunner:
         return "tangram-" + hashlib.sha256(raw).hexdigest()[:24]
 
     def _granted_cores(self, cores: Sequence[int]) -> tuple[int, ...]:
-        ids = tuple(int(c) for c in cores)
-        if not ids:
-            raise SandboxError("no cores granted: a container command needs at least one core")
-        missing = sorted(set(ids) - self.available)
-        if missing:
-            raise SandboxError(
-                f"cores {missing} do not exist on node {self.node or 'here'} (it has "
-                f"{sorted(self.available)}); the pool's core ids must match the machine"
-            )
-        return ids
+        return granted_cores(cores, self.available, self.node)
 
     async def _box(self, trajectory: str) -> _Box:
         box = self.boxes.get(self._check_id(trajectory))
@@ -663,20 +655,15 @@ class ContainerRunner:
 
 # ---------------------------------------------------------------------- helpers
 def _cpulist(ids: Sequence[int] | frozenset[int]) -> str:
-    return ",".join(map(str, sorted(ids)))
+    return cpulist(ids)
 
 
 def _mems(ids: Sequence[int] | frozenset[int]) -> str:
     """The memory nodes of the given cores (the node the lease's cores are on), or all
     the host's when the machine does not say."""
-    nodes: set[int] = set()
-    for c in ids:
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(f"/sys/devices/system/cpu/cpu{c}"):
-                if entry.startswith("node") and entry[4:].isdigit():
-                    nodes.add(int(entry[4:]))
+    nodes = numa_nodes(ids)
     if nodes:
-        return _cpulist(sorted(nodes))
+        return cpulist(nodes)
     for f in ("/sys/fs/cgroup/cpuset/cpuset.mems", "/sys/fs/cgroup/cpuset.mems.effective"):
         with contextlib.suppress(OSError):
             if text := Path(f).read_text().strip():

@@ -28,9 +28,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tangram.executors.container import INIT, NOBODY, THREAD_VARS, WORKDIR, _cpulist, _mems
+from tangram.executors.container import INIT, NOBODY, WORKDIR, _cpulist, _mems
 from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
-from tangram.executors.sandbox import Command, CommandResult, Limits, SandboxError, fill
+from tangram.executors.sandbox import (
+    THREAD_VARS,
+    Command,
+    CommandResult,
+    Limits,
+    SandboxError,
+    fill,
+    granted_cores,
+)
 
 LABEL = "tangram.runner"  # containers of one runner carry its key: found again at start
 CPU_PERIOD = 100_000
@@ -101,12 +109,7 @@ class DockerRunner:
         grant: SignedGrant | None = None,
     ) -> CommandResult:
         cmd.check()
-        ids = tuple(int(c) for c in cores)
-        if not ids or not set(ids) <= self.available:
-            raise SandboxError(
-                f"cores {list(ids)} are not a non-empty subset of node "
-                f"{self.node or 'here'}'s {sorted(self.available)}"
-            )
+        ids = granted_cores(cores, self.available, self.node)
         self.fence.admit(ids, grant, f"node {self.node or 'here'}", node=self.node, pool=self.pool)
         dop = len(ids) if dop is None else dop
         await self.close_idle()

@@ -202,6 +202,21 @@ def trajectory_of(name: str) -> str:
         return name
 
 
+def granted_cores(cores: Sequence[int], available: frozenset[int], node: str) -> tuple[int, ...]:
+    """The granted core ids, refused unless this machine (``available``) has every one
+    of them: every sandbox backend checks a grant's cores so before it runs anything."""
+    ids = tuple(int(c) for c in cores)
+    if not ids:
+        raise SandboxError("no cores granted: a sandbox command needs at least one core")
+    missing = sorted(set(ids) - available)
+    if missing:
+        raise SandboxError(
+            f"cores {missing} do not exist on node {node or 'here'} (it has "
+            f"{sorted(available)}); the pool's core ids must match the machine"
+        )
+    return ids
+
+
 def fill(command: str | Sequence[str], dop: int, cores: Sequence[int]) -> str | list[str]:
     """Replace ``{dop}``, ``{cores}`` and ``{python}`` (this node's interpreter); nothing
     else, since code in commands has braces of its own."""
@@ -468,17 +483,7 @@ class SandboxRunner:
             raise SandboxError(f"cannot confine the command: {exc}") from exc
 
     def _granted_cores(self, cores: Sequence[int]) -> tuple[int, ...]:
-        """The granted core ids, refused unless this machine has every one of them."""
-        ids = tuple(int(c) for c in cores)
-        if not ids:
-            raise SandboxError("no cores granted: a sandbox command needs at least one core")
-        missing = sorted(set(ids) - self.available)
-        if missing:
-            raise SandboxError(
-                f"cores {missing} do not exist on node {self.node or 'here'} (it has "
-                f"{sorted(self.available)}); the pool's core ids must match the machine"
-            )
-        return ids
+        return granted_cores(cores, self.available, self.node)
 
     def _prepare_workdir(self, trajectory: str, files: Mapping[str, str] | None = None) -> Path:
         """The trajectory's working directory, with the command's files written into it."""
