@@ -106,7 +106,47 @@ class _Box:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class ContainerRunner:
+class PerTrajectory:
+    """What every container backend shares: one container per trajectory (``boxes``,
+    each with ``created``, ``last_used`` and a ``lock`` held while it runs), removed
+    by ``close_trajectory`` or after ``idle_timeout`` seconds unused."""
+
+    boxes: dict[str, Any]
+    idle_timeout: float | None
+
+    def close_trajectory(self, trajectory: str) -> bool:
+        raise NotImplementedError
+
+    async def close_idle(self) -> list[str]:
+        """Remove the containers idle for ``idle_timeout`` seconds; their trajectories."""
+        if self.idle_timeout is None:
+            return []
+        cutoff = time.monotonic() - self.idle_timeout
+        idle = [t for t, b in self.boxes.items() if b.last_used < cutoff and not b.lock.locked()]
+        for t in idle:
+            await asyncio.to_thread(self.close_trajectory, t)
+        return idle
+
+    def trajectories(self) -> list[str]:
+        """The trajectories with a container here."""
+        return sorted(self.boxes)
+
+    def kill_all(self) -> None:
+        """Remove every container of this runner (the executor is going away)."""
+        for t in list(self.boxes):
+            self.close_trajectory(t)
+
+    @staticmethod
+    def _times(box: Any) -> dict[str, float]:
+        """A box's creation and last use as Unix times (kept on the monotonic clock)."""
+        now, mono = time.time(), time.monotonic()
+        return {
+            "created": now - (mono - box.created),
+            "last_used": now - (mono - box.last_used),
+        }
+
+
+class ContainerRunner(PerTrajectory):
     """Runs commands for trajectories in runc containers under ``root``.
 
     ``image`` is an image reference (``tangram.executors.images``), unpacked through
@@ -234,7 +274,6 @@ class ContainerRunner:
         if box is None:
             return {"trajectory": trajectory, "exists": False}
         state = await self._runc_json("state", box.cid)
-        now, mono = time.time(), time.monotonic()
         return {
             "trajectory": trajectory,
             "exists": True,
@@ -244,19 +283,8 @@ class ContainerRunner:
             "image": box.image.ref,
             "digest": box.image.digest,
             "rootfs": box.rootfs_mode,
-            "created": now - (mono - box.created),
-            "last_used": now - (mono - box.last_used),
+            **self._times(box),
         }
-
-    async def close_idle(self) -> list[str]:
-        """Remove the containers idle for ``idle_timeout`` seconds; their trajectories."""
-        if self.idle_timeout is None:
-            return []
-        cutoff = time.monotonic() - self.idle_timeout
-        idle = [t for t, b in self.boxes.items() if b.last_used < cutoff and not b.lock.locked()]
-        for t in idle:
-            await asyncio.to_thread(self.close_trajectory, t)
-        return idle
 
     def close_trajectory(self, trajectory: str) -> bool:
         """Remove the trajectory's container, mounts and files; False if it had none."""
@@ -266,15 +294,6 @@ class ContainerRunner:
         os.close(box.root_fd)
         self._remove(box.cid, self.bundles / box.cid)
         return True
-
-    def trajectories(self) -> list[str]:
-        """The trajectories with a container here."""
-        return sorted(self.boxes)
-
-    def kill_all(self) -> None:
-        """Remove every container of this runner (the executor is going away)."""
-        for t in list(self.boxes):
-            self.close_trajectory(t)
 
     # ------------------------------------------------------------------ containers
     def _check_id(self, trajectory: str) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tangram.executors.container import INIT, NOBODY, WORKDIR, _cpulist, _mems
+from tangram.executors.container import INIT, NOBODY, WORKDIR, PerTrajectory, _cpulist, _mems
 from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
 from tangram.executors.sandbox import (
     THREAD_VARS,
@@ -55,7 +55,7 @@ class _Box:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class DockerRunner:
+class DockerRunner(PerTrajectory):
     """Runs commands for trajectories in containers of a Docker engine; the same calls
     as ``ContainerRunner`` (``run``, ``upload``, ``download``, ``status``,
     ``close_trajectory``, ``close_idle``, ``trajectories``, ``kill_all``).
@@ -190,25 +190,14 @@ class DockerRunner:
         if box is None:
             return {"trajectory": trajectory, "exists": False}
         await asyncio.to_thread(box.container.reload)
-        now, mono = time.time(), time.monotonic()
         return {
             "trajectory": trajectory,
             "exists": True,
             "container": box.container.id,
             "state": box.container.status,
             "image": self.image,
-            "created": now - (mono - box.created),
-            "last_used": now - (mono - box.last_used),
+            **self._times(box),
         }
-
-    async def close_idle(self) -> list[str]:
-        if self.idle_timeout is None:
-            return []
-        cutoff = time.monotonic() - self.idle_timeout
-        idle = [t for t, b in self.boxes.items() if b.last_used < cutoff and not b.lock.locked()]
-        for t in idle:
-            await asyncio.to_thread(self.close_trajectory, t)
-        return idle
 
     def close_trajectory(self, trajectory: str) -> bool:
         box = self.boxes.pop(trajectory, None)
@@ -216,13 +205,6 @@ class DockerRunner:
             return False
         box.container.remove(force=True)
         return True
-
-    def trajectories(self) -> list[str]:
-        return sorted(self.boxes)
-
-    def kill_all(self) -> None:
-        for t in list(self.boxes):
-            self.close_trajectory(t)
 
     # ------------------------------------------------------------------ internals
     async def _box(self, trajectory: str) -> _Box:
