@@ -143,3 +143,33 @@ async def test_files_move_only_under_a_valid_grant(client: tr.Client, cluster: P
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         await handle.upload.remote("traj-x", "f.txt", b"x", CORES[:1], None)
     assert isinstance(err.value.cause, FencingError)
+
+
+async def test_why_an_action_waits_and_the_status(client: tr.Client):
+    """The Ray door answers what the HTTP one does: why a queued action waits, and the
+    operator view (queue per tenant, oldest waiters, leases by age)."""
+    import asyncio
+
+    from tangram.spec import Action
+
+    held = await client.acquire(Action.build("hog", {"cpu": len(CORES)}), timeout=10)
+    waiter = Action.build("late", {"cpu": 1})
+    task = asyncio.ensure_future(client.acquire(waiter, timeout=30))
+    try:
+        why = None
+        for _ in range(100):
+            why = await client.why_waiting(waiter.id) if waiter.id else None
+            if why is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert why is not None and why["pool"] == "cpu"
+        assert why["reason"] == "insufficient_units", why
+        status = await client.status()
+        assert [w["action"] for w in status["oldest_waiting"]] == [waiter.id]
+        assert status["leases_by_age"]["<10s"] >= 1
+        assert status["queued_by_tenant"] == {"cpu": {"": 1}}
+    finally:
+        await client.release(held.id)
+    lease = await task
+    assert await client.why_waiting(waiter.id) is None
+    await client.release(lease.id)

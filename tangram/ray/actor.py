@@ -349,6 +349,26 @@ class BrokerActor:
         return n
 
     # ------------------------------------------------------------------ other operations
+    async def why_waiting(self, action_id: str) -> dict[str, Any] | None:
+        """Why a queued action waits (``Broker.why_waiting``); None if it is not queued.
+        ``ready_at`` is turned into Unix time (the broker's clock is this process's)."""
+        why = self.broker.why_waiting(action_id)
+        if why is not None and "ready_at" in why:
+            why["ready_at"] = why["ready_at"] - self.broker.clock() + time.time()
+        return why
+
+    async def overview(self) -> dict[str, Any]:
+        """The snapshot with the queue per tenant, the oldest waiters and why, and the
+        leases by age (what ``GET /v1/status`` answers)."""
+        snap = self.broker.snapshot()
+        return {
+            "policy": snap["policy"],
+            "queued": snap["queued"],
+            "leases": snap["leases"],
+            "pools": snap["pools"],
+            **self.broker.overview(),
+        }
+
     async def pins(self, trajectory: str) -> dict[str, str]:
         """Pool -> the node the trajectory is pinned to (where its sandbox lives)."""
         return {

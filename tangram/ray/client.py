@@ -168,6 +168,19 @@ class Client:
         """Close the trajectory (its pinned memory, queued actions, sandbox directory)."""
         return int(await self.broker.close_trajectory.remote(trajectory))
 
+    async def why_waiting(self, action_id: str) -> dict[str, Any] | None:
+        """Why an action this client submitted still waits: which pool holds it and why
+        (``reason``, ``message``, and what the pool adds: ``node``, ``needs``, ``free``,
+        ``ahead``, ``ready_at`` in Unix time); None once it is granted or gone."""
+        why: dict[str, Any] | None = await self.broker.why_waiting.remote(action_id)
+        return why
+
+    async def status(self) -> dict[str, Any]:
+        """The pools, the queue per tenant, the oldest waiters and why they wait, the
+        leases by age: what ``tangram status`` shows of an HTTP broker."""
+        doc: dict[str, Any] = await self.broker.overview.remote()
+        return doc
+
     async def snapshot(self) -> dict[str, Any]:
         snap: dict[str, Any] = await self.broker.snapshot.remote()
         return snap

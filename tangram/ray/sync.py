@@ -126,6 +126,12 @@ class SyncClient:
     def close_trajectory(self, trajectory: str) -> int:
         return self._run(self._client.close_trajectory(trajectory))
 
+    def why_waiting(self, action_id: str) -> dict[str, Any] | None:
+        return self._run(self._client.why_waiting(action_id))
+
+    def status(self) -> dict[str, Any]:
+        return self._run(self._client.status())
+
     def snapshot(self) -> dict[str, Any]:
         return self._run(self._client.snapshot())
 
