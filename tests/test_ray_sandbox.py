@@ -173,3 +173,34 @@ async def test_why_an_action_waits_and_the_status(client: tr.Client):
     lease = await task
     assert await client.why_waiting(waiter.id) is None
     await client.release(lease.id)
+
+
+async def test_stopping_the_broker_removes_its_containers(cluster: Path):
+    """``stop_broker`` kills the executor actors, which cannot clean up after that: each
+    removes its containers first, so none is left running (frozen) on the host."""
+    if IMAGE["ref"] is None:
+        pytest.skip(f"CONTAINER EXECUTOR NOT TESTED: {IMAGE['why']}")
+    root = cluster / "second"
+    config = {
+        "pools": {
+            "box": {
+                "kind": "cpu",
+                "nodes": [{"name": "local", "cores": CORES, "memory_gb": 8}],
+                "sandbox": {"backend": "container", "image": IMAGE["ref"]},
+            }
+        }
+    }
+    tr.start_broker(config, name="sbx2", detached=False, sandbox_root=str(root), data_dir=None)
+    client = tr.Client(name="sbx2")
+    try:
+        res = await client.sandbox("t", "box").exec("echo hi > f")
+        assert res.ok, res.stderr
+    finally:
+        await client.aclose()
+    state = root / "box" / "local" / "runc"
+    listed = subprocess.run(["runc", "--root", str(state), "list", "-q"], capture_output=True)
+    assert listed.stdout.split() != []  # the trajectory's container, before the stop
+    tr.stop_broker("sbx2")
+    listed = subprocess.run(["runc", "--root", str(state), "list", "-q"], capture_output=True)
+    assert listed.stdout.split() == []
+    assert str(root) not in Path("/proc/self/mounts").read_text()

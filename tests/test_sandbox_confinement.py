@@ -262,3 +262,18 @@ def test_v2_layout_on_a_stand_in_tree(tmp_path: Path):
     g.kill()  # the kernel's cgroup.kill: one write, then the group is empty
     assert (d / "cgroup.kill").read_text() == "1"
     assert h.children() == ["a1"]
+
+
+async def test_empty_owner_directories_do_not_pile_up(tmp_path: Path):
+    """Every runner root makes an owner directory in each hierarchy; a starting runner
+    removes the empty ones of others, and a runner whose directory went that way makes
+    it again at its next command."""
+    first = SandboxRunner(tmp_path / "a", isolate=False, trusted=True)
+    assert first.cgroups is not None
+    owner_dirs = first.cgroups.owner_dirs()
+    assert all(d.is_dir() for d in owner_dirs)
+    SandboxRunner(tmp_path / "b", isolate=False, trusted=True)  # removes a's: it is empty
+    assert not any(d.exists() for d in owner_dirs)
+    res = await first.run("t", Command("echo ok"), CORES[:1])
+    assert res.ok and res.stdout == "ok\n", res.stderr
+    assert all(d.is_dir() for d in owner_dirs)

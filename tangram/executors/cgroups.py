@@ -153,7 +153,41 @@ class Hierarchy:
         self.owner = owner
 
     def create(self, name: str, limits: Confinement) -> Group:
+        """Make and limit the group ``name``. The owner's directory is made again if it
+        is gone (another runner's start removes owner directories it finds empty)."""
+        try:
+            return self._create(name, limits)
+        except CgroupError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        self.prepare()
+        return self._create(name, limits)
+
+    def prepare(self) -> None:
         raise NotImplementedError
+
+    def _create(self, name: str, limits: Confinement) -> Group:
+        raise NotImplementedError
+
+    def owner_dirs(self) -> list[Path]:
+        """The directories of every owner (one per controller under v1)."""
+        raise NotImplementedError
+
+    def remove_empty_owners(self) -> int:
+        """Remove the directories of other owners that hold no group (each runner's
+        root makes one; without this they would pile up until the machine restarts).
+        The kernel refuses to remove a directory that still has groups."""
+        removed = 0
+        for base in self.owner_dirs():
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(base.parent):
+                    if entry.is_dir() and entry.name != self.owner:
+                        try:
+                            os.rmdir(entry.path)
+                            removed += 1
+                        except OSError:
+                            pass  # has groups (a live runner's, or an orphan's)
+        return removed
 
     def children(self) -> list[str]:
         """Names of the groups under this owner (orphans, when a runner starts)."""
@@ -211,7 +245,10 @@ class V1(Hierarchy):
                 if controller == "cpuset":
                     _inherit_cpuset(level)
 
-    def create(self, name: str, limits: Confinement) -> Group:
+    def owner_dirs(self) -> list[Path]:
+        return list(self.bases.values())
+
+    def _create(self, name: str, limits: Confinement) -> Group:
         group = self.group(name)
         try:
             for d in group.dirs.values():
@@ -310,7 +347,10 @@ class V2(Hierarchy):
                 ) from exc
             raise
 
-    def create(self, name: str, limits: Confinement) -> Group:
+    def owner_dirs(self) -> list[Path]:
+        return [self.base]
+
+    def _create(self, name: str, limits: Confinement) -> Group:
         group = self.group(name)
         d = group.dirs[""]
         _mkdir(d)

@@ -620,6 +620,7 @@ def _confinement(root: Path, node: str) -> Hierarchy:
         hierarchy.group(name).remove()
     if orphans:
         log.warning("removed %d control group(s) left by a crashed runner", len(orphans))
+    hierarchy.remove_empty_owners()
     return hierarchy
 
 

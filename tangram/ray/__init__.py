@@ -238,6 +238,7 @@ def stop_broker(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) ->
     except ValueError:
         return False
     pools: dict[str, dict[str, Any]] = ray.get(handle.describe.remote())
+    executors = []
     for pool, info in pools.items():
         kind = {"cpu": "sandbox", "gpu": "service"}.get(info["kind"])
         if kind is None:
@@ -245,7 +246,14 @@ def stop_broker(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) ->
         for node in info["nodes"]:
             ex = find_executor(name, namespace, kind, pool, node)
             if ex is not None:
-                ray.kill(ex, no_restart=True)
+                executors.append(ex)
+    # Containers and engine processes outlive a killed actor: each executor removes its
+    # own first (best effort, bounded: a dead or stuck one is killed all the same).
+    if executors:
+        calls = [ex.shutdown.remote() for ex in executors]
+        ray.wait(calls, num_returns=len(calls), timeout=60)
+    for ex in executors:
+        ray.kill(ex, no_restart=True)
     ray.kill(handle, no_restart=True)
     _owned.clear()
     return True

@@ -164,6 +164,13 @@ class SandboxActor:
     async def close_trajectory(self, trajectory: str) -> bool:
         return await asyncio.to_thread(self.runner.close_trajectory, trajectory)
 
+    async def shutdown(self) -> None:
+        """Kill every running command and remove every container (the broker is being
+        stopped; ``ray.kill`` that follows gives no chance to clean up)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.to_thread(self.runner.kill_all)
+
     async def trajectories(self) -> list[str]:
         return self.runner.trajectories()
 
@@ -208,6 +215,11 @@ class ServiceActor:
         grant: SignedGrant | None = None,
     ) -> ServiceResult:
         return await self.host.run(service, units, evicts, payload, grant)
+
+    async def shutdown(self) -> None:
+        """Stop every engine instance (their processes run in sessions of their own and
+        would outlive the actor, holding their GPUs)."""
+        await asyncio.to_thread(self.host.close)
 
     async def info(self) -> dict[str, Any]:
         return {
