@@ -1,0 +1,122 @@
+"""Engine services end to end on a real local Ray cluster: the broker actor grants GPU
+chunks and evictions, the service executor actor puts evicted engine instances to sleep
+and wakes (or launches) the granted one, and ``client.run`` gets the engine's answer.
+
+The engines are the emulator (``python -m tangram.testing.engine``) launched through
+``VllmEngine``: the test machines have no GPU and no model weights. With
+``TANGRAM_EMULATOR_GPU_DIR`` the emulators account "GPU memory" per GPU id, so two
+services awake on one GPU at once would fail with out-of-memory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import ray
+
+import tangram.ray as tr
+from tangram.executors import ServiceCall, ServiceSpec, VllmEngine
+from tangram.spec import Action
+from tangram.testing.engine import GPU_DIR_ENV
+
+# One GPU of 80 (emulated) GB; each service's engine holds 60 GB awake: they take turns.
+CONFIG: dict[str, Any] = {
+    "lease_ttl_seconds": 30,
+    "pools": {
+        "gpu": {
+            "kind": "gpu",
+            "nodes": [{"name": "g0", "gpus": 1, "memory_gb": 80}],
+            "services": {
+                "judge": {"memory_gb": 60, "restore_seconds": 0.5},
+                "rm": {"memory_gb": 60, "restore_seconds": 0.5},
+            },
+        }
+    },
+}
+
+
+def engine(model: str) -> VllmEngine:
+    command = [
+        sys.executable, "-m", "tangram.testing.engine", "--port", "{port}", "--host", "{host}",
+        "--model", "{model}", "--tensor-parallel-size", "{tp}", "--memory-gb", "60",
+        "--wake-delay", "0.1",
+    ]  # fmt: skip
+    return VllmEngine(model=model, command=command, startup_timeout=60)
+
+
+def _emulators() -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"tangram.testing.engine" in cmd and b"--memory-gb" in cmd:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    gpus = tmp_path_factory.mktemp("gpus")
+    ray.init(
+        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {GPU_DIR_ENV: str(gpus)}}
+    )
+    services = [
+        ServiceSpec("judge", engine=engine("judge-model")),
+        ServiceSpec("rm", engine=engine("rm-model")),
+    ]
+    tr.start_broker(CONFIG, name="eng", detached=False, services=services, data_dir=None)
+    yield gpus
+    tr.stop_broker("eng")
+    ray.shutdown()
+
+
+@pytest_asyncio.fixture
+async def client(cluster: Path) -> AsyncIterator[tr.Client]:
+    c = tr.Client(name="eng")
+    yield c
+    await c.aclose()
+
+
+async def test_services_take_turns_on_one_gpu(client: tr.Client, cluster: Path):
+    answers = []
+    for i, service in enumerate(["judge", "rm", "judge", "rm"]):
+        action = Action.build(f"t{i}", {"gpu": 1}, service=service)
+        payload = {"model": f"{service}-model", "prompt": "score this", "max_tokens": 4}
+        res = await client.run(action, ServiceCall(payload))
+        answers.append((service, res))
+    # Each call was served by its own model's engine, on GPU 0 (the emulator says so).
+    for service, res in answers:
+        assert res.output["model"] == f"{service}-model", res.output
+        assert res.output["usage"]["completion_tokens"] > 0
+    # First use launches; later uses wake the sleeping instance (a restore, measured),
+    # after the other service's instance was put to sleep: with 60 + 60 GB on one
+    # 80 GB GPU a wake before that sleep fails with out-of-memory.
+    assert [r.launched for _, r in answers] == [True, True, False, False]
+    assert all(r.restored and r.restore_seconds >= 0.1 for _, r in answers[2:])
+    assert all(r.evicted for _, r in answers[1:])
+    snap = await client.snapshot()
+    assert snap["pools"]["gpu"]["in_use"] == 0
+
+
+async def test_stopping_the_broker_stops_the_engines(cluster: Path):
+    """Engine processes run in sessions of their own and would outlive the killed
+    executor actor, holding their GPUs; stop_broker has the actor stop them first."""
+    client = tr.Client(name="eng")
+    try:
+        for i, service in enumerate(["judge", "rm"]):  # both launched (or woken)
+            action = Action.build(f"s{i}", {"gpu": 1}, service=service)
+            payload = {"model": f"{service}-model", "prompt": "hi", "max_tokens": 2}
+            await client.run(action, ServiceCall(payload))
+    finally:
+        await client.aclose()
+    assert len(_emulators()) == 2  # one instance per service, asleep or awake
+    tr.stop_broker("eng")
+    assert _emulators() == []
