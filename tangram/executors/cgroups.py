@@ -283,23 +283,11 @@ class V1(Hierarchy):
             time.sleep(0.001)
 
     def kill(self, group: Group) -> None:
-        if not group.dirs["freezer"].exists():
-            return
-        self.freeze(group, True)
-        for pid in group.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        # A frozen process dies of SIGKILL only once thawed.
-        self.freeze(group, False)
-        _wait_empty(group)
+        if group.dirs["freezer"].exists():
+            _freeze_and_kill(group)
 
     def oom_kills(self, group: Group) -> int:
-        with contextlib.suppress(FileNotFoundError):
-            for line in (group.dirs["memory"] / "memory.oom_control").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        return 0
+        return _counter(group.dirs["memory"] / "memory.oom_control", "oom_kill")
 
     def memory_peak(self, group: Group) -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
@@ -385,21 +373,12 @@ class V2(Hierarchy):
             return
         if (d / "cgroup.kill").exists():  # Linux 5.14: the kernel kills the whole group
             _write(d / "cgroup.kill", "1")
+            _wait_empty(group)
         else:
-            self.freeze(group, True)
-            for pid in group.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.freeze(group, False)
-        _wait_empty(group)
+            _freeze_and_kill(group)
 
     def oom_kills(self, group: Group) -> int:
-        with contextlib.suppress(FileNotFoundError):
-            for line in (group.dirs[""] / "memory.events").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        return 0
+        return _counter(group.dirs[""] / "memory.events", "oom_kill")
 
     def memory_peak(self, group: Group) -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
@@ -506,6 +485,28 @@ def _rmdir(path: Path) -> None:
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise CgroupError(exc.errno, f"cannot remove {path}: {exc.strerror}") from exc
             time.sleep(0.005)
+
+
+def _freeze_and_kill(group: Group) -> None:
+    """Kill every process of a group without a kernel kill switch: frozen first, so that
+    nothing forks while the list is read; a frozen process dies of SIGKILL only once
+    thawed."""
+    group.freeze()
+    for pid in group.pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    group.thaw()
+    _wait_empty(group)
+
+
+def _counter(path: Path, key: str) -> int:
+    """The value of ``key`` in a ``key value`` per line file; 0 when absent."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    return 0
 
 
 def _wait_empty(group: Group) -> None:

@@ -53,6 +53,7 @@ from tangram.executors.sandbox import (
     SandboxError,
     fill,
     granted_cores,
+    wait_pid,
 )
 
 NOBODY = 65534
@@ -225,7 +226,7 @@ class ContainerRunner(PerTrajectory):
         """Run ``cmd`` in the trajectory's container on exactly ``cores`` under
         ``grant`` (checked as ``SandboxRunner.run`` checks it, before anything runs)."""
         cmd.check()
-        ids = self._granted_cores(cores)
+        ids = granted_cores(cores, self.available, self.node)
         self.fence.admit(ids, grant, f"node {self.node or 'here'}", node=self.node, pool=self.pool)
         dop = len(ids) if dop is None else dop
         await self.close_idle()
@@ -306,9 +307,6 @@ class ContainerRunner(PerTrajectory):
         # containers (and their cgroups, which are host-wide) never share a name.
         raw = f"{self.root}\0{trajectory}".encode("utf-8", "surrogatepass")
         return "tangram-" + hashlib.sha256(raw).hexdigest()[:24]
-
-    def _granted_cores(self, cores: Sequence[int]) -> tuple[int, ...]:
-        return granted_cores(cores, self.available, self.node)
 
     async def _box(self, trajectory: str) -> _Box:
         box = self.boxes.get(self._check_id(trajectory))
@@ -780,22 +778,9 @@ async def _command_end(pidfile: Path, proto: _Capture) -> None:
         except (FileNotFoundError, ValueError):
             await asyncio.sleep(0.001)  # runc has not started it yet
     try:
-        fd = os.pidfd_open(pid)
+        await wait_pid(pid, until=proto.exited)
     except ProcessLookupError:
         return  # already gone
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await asyncio.wait({ended, proto.exited}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 class _Capture(asyncio.SubprocessProtocol):

@@ -782,22 +782,29 @@ def _parents(path: str, made: set[str]) -> list[str]:
 async def _exited(proc: asyncio.subprocess.Process) -> None:
     """Return once ``proc`` itself has exited. ``proc.wait()`` also waits for its output
     pipes to close, which a background child that inherited them delays until it ends
-    (or forever); a pidfd becomes readable at the exit itself (Linux 5.3)."""
+    (or forever); a pidfd becomes readable at the exit itself."""
     try:
-        fd = os.pidfd_open(proc.pid)
+        await wait_pid(proc.pid)
     except (AttributeError, OSError):  # gone already, or no pidfds here
         await proc.wait()
-        return
+
+
+async def wait_pid(pid: int, until: asyncio.Future[Any] | None = None) -> None:
+    """Return when process ``pid`` (a child or not) has exited, or ``until`` is done,
+    through a pidfd (Linux 5.3). Raises ``OSError`` (``ProcessLookupError``: it is
+    gone already) when no pidfd can be had."""
+    fd = os.pidfd_open(pid)
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    ended: asyncio.Future[None] = loop.create_future()
 
     def readable() -> None:
-        if not done.done():
-            done.set_result(None)
+        if not ended.done():
+            ended.set_result(None)
 
     loop.add_reader(fd, readable)
     try:
-        await done
+        waits: set[asyncio.Future[Any]] = {ended} if until is None else {ended, until}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         loop.remove_reader(fd)
         os.close(fd)
