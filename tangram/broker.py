@@ -266,9 +266,18 @@ class Broker:
         return self.core.snapshot(self.clock())
 
     def overview(self, visible: Callable[[Action], bool] | None = None) -> dict[str, Any]:
-        """Queue per pool and tenant, oldest waiters and why, leases by age
-        (``Core.overview``); times are ages, not this broker's clock."""
-        return self.core.overview(self.clock(), visible=visible)
+        """The pools (policy, queued, leases, pools: the ``GET /v1/pools`` document), and
+        the queue per pool and tenant, the oldest waiters and why, the leases by age
+        (``Core.overview``); times are ages, not this broker's clock. What
+        ``GET /v1/status`` and the Ray client's ``status()`` answer."""
+        snap = self.snapshot()
+        return {
+            "policy": snap["policy"],
+            "queued": snap["queued"],
+            "leases": snap["leases"],
+            "pools": snap["pools"],
+            **self.core.overview(self.clock(), visible=visible),
+        }
 
     def why_waiting(self, action_id: str) -> dict[str, Any] | None:
         """Why a queued action waits (``Core.why_waiting``); None if it is not queued.

@@ -360,14 +360,7 @@ class BrokerActor:
     async def overview(self) -> dict[str, Any]:
         """The snapshot with the queue per tenant, the oldest waiters and why, and the
         leases by age (what ``GET /v1/status`` answers)."""
-        snap = self.broker.snapshot()
-        return {
-            "policy": snap["policy"],
-            "queued": snap["queued"],
-            "leases": snap["leases"],
-            "pools": snap["pools"],
-            **self.broker.overview(),
-        }
+        return self.broker.overview()
 
     async def pins(self, trajectory: str) -> dict[str, str]:
         """Pool -> the node the trajectory is pinned to (where its sandbox lives)."""

@@ -36,19 +36,10 @@ async def status(request: Request) -> Response:
     # With tenants, a tenant sees every count but lists only its own actions: action ids
     # and trajectory names are its business.
     visible = _mine(tenant) if svc.tenants else None
-    snap = svc.broker.snapshot()
     view = svc.broker.overview(visible)
     for item in (*view["oldest_waiting"], *view["oldest_leases"]):
         item["trajectory"] = local_trajectory(item["tenant"], item["trajectory"])
-    return respond(
-        {
-            "policy": snap["policy"],
-            "queued": snap["queued"],
-            "leases": snap["leases"],
-            "pools": snap["pools"],
-            **view,
-        }
-    )
+    return respond(view)
 
 
 def _mine(tenant: str | None) -> Callable[[Action], bool]:
