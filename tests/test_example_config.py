@@ -263,3 +263,29 @@ def test_structural_errors_surface_when_loading_not_later() -> None:
     data = {"pools": {"gpu": {"kind": "gpu", "nodes": [{"gpus": 6}]}}}
     with pytest.raises(ConfigError, match="power of two"):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("sandbox", "message"),
+    [
+        ({"backend": "container"}, "the container backend needs an image"),
+        ({"image": "oci:/x:y"}, "sandbox.image is for backend: container"),
+        (
+            {"backend": "container", "image": "oci:/x:y", "confine": False},
+            "the container backend is always confined",
+        ),
+        ({"backend": "docker"}, "pools.cpu.cpu.sandbox.backend"),
+        ({"network": "bridge"}, "pools.cpu.cpu.sandbox.network"),
+        ({"memory_mb": 0}, "pools.cpu.cpu.sandbox.memory_mb"),
+        ({"idle_timeout_s": -1}, "pools.cpu.cpu.sandbox.idle_timeout_s"),
+        ({"imgae": "oci:/x:y"}, "imgae"),
+    ],
+)
+def test_bad_sandbox_sections_are_refused_with_the_field(
+    sandbox: dict[str, Any], message: str
+) -> None:
+    pool = {"kind": "cpu", "nodes": [{"cores": 2, "memory_gb": 1}], "sandbox": sandbox}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"pools": {"cpu": pool}})
+    good = {**pool, "sandbox": {"backend": "container", "image": "oci:/x:y"}}
+    assert parse_config({"pools": {"cpu": good}}).pools["cpu"].sandbox.image == "oci:/x:y"  # type: ignore[union-attr]
