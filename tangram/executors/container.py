@@ -421,7 +421,7 @@ class ContainerRunner(PerTrajectory):
             "devices": [{"allow": False, "access": "rwm"}],  # runc adds the usual ones
             "memory": {"limit": memory, "swap": memory},
             "pids": {"limit": lim.max_procs or 256},
-            "cpu": {"cpus": _cpulist(sorted(self.available)), "mems": _mems(self.available)},
+            "cpu": {"cpus": cpulist(sorted(self.available)), "mems": _mems(self.available)},
         }
         linux.setdefault(
             "maskedPaths",
@@ -470,7 +470,7 @@ class ContainerRunner(PerTrajectory):
         lim = self.limits
         memory = (cmd.memory_mb or lim.memory_mb or 4096) * 2**20
         settings = (
-            f"--cpuset-cpus={_cpulist(ids)}",
+            f"--cpuset-cpus={cpulist(ids)}",
             f"--cpuset-mems={_mems(ids)}",
             f"--cpu-period={CPU_PERIOD}",
             f"--cpu-quota={CPU_PERIOD * len(ids)}",
@@ -671,10 +671,6 @@ class ContainerRunner(PerTrajectory):
 
 
 # ---------------------------------------------------------------------- helpers
-def _cpulist(ids: Sequence[int] | frozenset[int]) -> str:
-    return cpulist(ids)
-
-
 def _mems(ids: Sequence[int] | frozenset[int]) -> str:
     """The memory nodes of the given cores (the node the lease's cores are on), or all
     the host's when the machine does not say."""

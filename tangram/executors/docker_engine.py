@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tangram.executors.container import INIT, NOBODY, WORKDIR, PerTrajectory, _cpulist, _mems
+from tangram.executors.cgroups import cpulist
+from tangram.executors.container import INIT, NOBODY, WORKDIR, PerTrajectory, _mems
 from tangram.executors.fencing import DEFAULT_SKEW, Fence, SignedGrant
 from tangram.executors.sandbox import (
     THREAD_VARS,
@@ -121,7 +122,7 @@ class DockerRunner(PerTrajectory):
             await asyncio.to_thread(
                 self.client.api.update_container,
                 box.container.id,
-                cpuset_cpus=_cpulist(ids),
+                cpuset_cpus=cpulist(ids),
                 cpuset_mems=_mems(ids),
                 cpu_period=CPU_PERIOD,
                 cpu_quota=CPU_PERIOD * len(ids),
@@ -234,7 +235,7 @@ class DockerRunner(PerTrajectory):
             security_opt=["no-new-privileges"],
             network_mode=self.network,
             # Every core now, a concrete set per action: never unset (moby 41946).
-            cpuset_cpus=_cpulist(sorted(self.available)),
+            cpuset_cpus=cpulist(sorted(self.available)),
             mem_limit=memory,
             memswap_limit=memory,
             pids_limit=lim.max_procs or 256,
