@@ -341,6 +341,9 @@ class Resident(NamedTuple):
     k: int
     node: str
     start: int
+    # How deep the evicted instance sleeps: 1 keeps its weights in host RAM, 2 drops
+    # them (host RAM is full); 0 leaves it to the executor (host RAM not accounted).
+    level: int = 0
 
 
 class Allocation(NamedTuple):
@@ -353,6 +356,9 @@ class Allocation(NamedTuple):
     restore: bool = False
     evicts: tuple[Resident, ...] = ()
     pinned: bool = False  # this grant pinned the trajectory to ``node`` (CPU pools)
+    # Units shared by the actions of one engine instance (GPU request slots): the fencing
+    # token of the lease that opened the instance; 0 when the units are this lease's own.
+    epoch: int = 0
 
 
 @dataclass(slots=True, eq=False)

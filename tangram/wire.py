@@ -163,11 +163,20 @@ def action_from_record(raw: Mapping[str, Any], offset: float = 0.0) -> Action:
 
 # --------------------------------------------------------------------------- allocations
 def resident_out(r: Resident) -> dict[str, Any]:
-    return {"service": r.service, "k": r.k, "node": r.node, "start": r.start}
+    out: dict[str, Any] = {"service": r.service, "k": r.k, "node": r.node, "start": r.start}
+    if r.level:
+        out["level"] = r.level
+    return out
 
 
 def resident_in(raw: Mapping[str, Any]) -> Resident:
-    return Resident(str(raw["service"]), int(raw["k"]), str(raw["node"]), int(raw["start"]))
+    return Resident(
+        str(raw["service"]),
+        int(raw["k"]),
+        str(raw["node"]),
+        int(raw["start"]),
+        int(raw.get("level", 0)),
+    )
 
 
 def allocation_out(a: Allocation, *, full: bool = True) -> dict[str, Any]:
@@ -181,6 +190,8 @@ def allocation_out(a: Allocation, *, full: bool = True) -> dict[str, Any]:
             out["evicts"] = [resident_out(r) for r in a.evicts]
         if a.pinned:
             out["pinned"] = True
+        if a.epoch:
+            out["epoch"] = a.epoch
     return out
 
 
@@ -193,6 +204,7 @@ def allocation_in(raw: Mapping[str, Any]) -> Allocation:
         bool(raw.get("restore", False)),
         tuple(resident_in(r) for r in raw.get("evicts", ())),
         bool(raw.get("pinned", False)),
+        int(raw.get("epoch", 0)),
     )
 
 

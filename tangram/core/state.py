@@ -594,6 +594,9 @@ class Core:
             for pool, alloc in taken:
                 self.pools[pool].release(action, alloc, now, None)
             raise
+        for pool, alloc in lease.allocation.items():
+            if self.pools[pool].shares_units:
+                self.pools[pool].granted(alloc, lease.fencing_token)
         self._seq = max(self._seq, action.seq)
         self.table.adopt(lease)
         self._busy(action.trajectory)
@@ -814,6 +817,10 @@ class Core:
         action = entry.action
         self._dequeue(entry)
         lease = self.table.grant(action, alloc, now, action.ttl or self.lease_ttl)
+        for p, a in alloc.items():
+            mgr = self.pools[p]
+            if mgr.shares_units:
+                mgr.granted(a, lease.fencing_token)
         self.policy.on_grant(lease)
         self.counts["granted"] += 1
         return lease

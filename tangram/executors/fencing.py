@@ -64,9 +64,19 @@ class SignedGrant:
     units: GrantUnits
     expires: float
     signature: bytes
+    # Per pool whose units the lease shares with others (a GPU instance's request
+    # slots): the instance's epoch, the token the fence orders those units by.
+    epochs: tuple[tuple[str, int], ...] = ()
 
     def message(self) -> bytes:
-        return _message(self.lease, self.token, self.units, self.expires)
+        return _message(self.lease, self.token, self.units, self.expires, self.epochs)
+
+    def token_for(self, pool: str) -> int:
+        """The fencing token that orders this grant's units of ``pool``."""
+        for p, epoch in self.epochs:
+            if p == pool:
+                return epoch
+        return self.token
 
     def of(self, pool: str) -> tuple[str, tuple[Any, ...]] | None:
         """(node, units) granted on ``pool``, or None."""
@@ -83,11 +93,20 @@ def _unit(u: Any) -> Any:
     raise TypeError(f"cannot sign unit {u!r} of type {type(u).__name__}")
 
 
-def _message(lease: str, token: int, units: GrantUnits, expires: float) -> bytes:
+def _message(
+    lease: str,
+    token: int,
+    units: GrantUnits,
+    expires: float,
+    epochs: tuple[tuple[str, int], ...] = (),
+) -> bytes:
     # JSON arrays of strings and numbers are unambiguous, and ``repr`` of a float (what
     # json writes) reads back to the same float, so an unpickled grant re-encodes to the
-    # very bytes that were signed.
-    body = [_DOMAIN, lease, token, [[p, n, list(u)] for p, n, u in units], expires]
+    # very bytes that were signed. Epochs are appended only when there are any, so a
+    # grant without shared units is signed as before.
+    body: list[Any] = [_DOMAIN, lease, token, [[p, n, list(u)] for p, n, u in units], expires]
+    if epochs:
+        body.append([[p, e] for p, e in epochs])
     return json.dumps(body, separators=(",", ":"), default=_unit).encode()
 
 
@@ -126,9 +145,13 @@ class GrantSigner:
         units: GrantUnits = tuple(
             (pool, a.node or "", tuple(a.units)) for pool, a in sorted(allocation.items())
         )
+        epochs = tuple(
+            (pool, int(a.epoch)) for pool, a in sorted(allocation.items()) if getattr(a, "epoch", 0)
+        )
         expires = float(expires)
-        msg = _message(lease, token, units, expires)
-        return SignedGrant(lease, token, units, expires, hmac.digest(self._key, msg, "sha256"))
+        msg = _message(lease, token, units, expires, epochs)
+        sig = hmac.digest(self._key, msg, "sha256")
+        return SignedGrant(lease, token, units, expires, sig, epochs)
 
     def verify(self, grant: SignedGrant) -> bool:
         """Whether ``grant`` was signed with this key and not changed since."""
@@ -217,13 +240,16 @@ class Fence:
                 f"{self.signer.key_id}); it was not signed by this broker or was changed"
             )
         want = tuple(units)
-        if not self._covers(grant, want, node, pool):
+        covering = self._covers(grant, want, node, pool)
+        if covering is None:
             held = ", ".join(f"{p}@{n or '-'}{list(u)}" for p, n, u in grant.units) or "none"
             raise GrantMismatch(
                 f"grant mismatch{at}: lease {grant.lease!r} was granted {held}, not units "
                 f"{list(want)} on node {node!r}" + (f" of pool {pool!r}" if pool else "")
             )
-        token = grant.token
+        # Units shared by one engine instance's actions are ordered by the instance's
+        # epoch: every action on it presents the same, older than any later holder's.
+        token = grant.token_for(covering)
         newest, unit = max(((self.newest.get(u, 0), u) for u in want), default=(0, None))
         if token < newest:
             raise StaleLease(
@@ -248,11 +274,12 @@ class Fence:
     @staticmethod
     def _covers(
         grant: SignedGrant, want: tuple[Hashable, ...], node: str, pool: str | None
-    ) -> bool:
+    ) -> str | None:
+        """The pool under which ``grant`` names exactly ``want`` on ``node``, or None."""
         ask = set(want)
         if not ask or len(ask) != len(want):
-            return False
-        return any(
-            (pool is None or p == pool) and n == node and len(u) == len(ask) and set(u) == ask
-            for p, n, u in grant.units
-        )
+            return None
+        for p, n, u in grant.units:
+            if (pool is None or p == pool) and n == node and len(u) == len(ask) and set(u) == ask:
+                return p
+        return None

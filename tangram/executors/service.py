@@ -96,6 +96,9 @@ class ServiceResult:
     launched: bool = False
     launch_seconds: float = 0.0
     url: str = ""
+    # The sleep level the restore woke the instance from (2: its weights were reloaded,
+    # which the cost model learns apart from wakes from host RAM; 0: not an engine).
+    woke_from: int = 0
 
 
 def to_device(state: Any, device: str) -> Any:
@@ -149,6 +152,10 @@ class ServiceHost:
         # Engine services: every instance launched, and those awake (holding GPU memory).
         self.instances: dict[Key, Instance] = {}
         self.awake: set[Key] = set()
+        self.slept_at: dict[Key, int] = {}  # the level each sleeping instance sleeps at
+        # One restore, launch or wake per chunk at a time: the actions sharing an
+        # instance's request slots may arrive together, and only the first pays it.
+        self._starting: dict[Key, asyncio.Lock] = {}
 
     def register(self, spec: ServiceSpec) -> float:
         """Build the service's host copy now (or, pre-launched, start its sleeping
@@ -193,7 +200,9 @@ class ServiceHost:
                 inst = await asyncio.to_thread(engine.launch, chunk)
                 started.append(inst)
                 await inst.sleep(spec.sleep_level)
-                self.instances[(spec.name, len(chunk), chunk[0])] = inst
+                key = (spec.name, len(chunk), chunk[0])
+                self.instances[key] = inst
+                self.slept_at[key] = spec.sleep_level
         except BaseException:
             for inst in started:
                 inst.stop()
@@ -226,16 +235,18 @@ class ServiceHost:
         """Carry out the broker's evictions: drop in-process copies and put engine
         instances to sleep; returns once every one is done (or raises)."""
         out = self.evict(victims)
-        asleep = [
-            key
-            for key in ((v.service, v.k, v.start) for v in victims)
-            if key in self.awake and key in self.instances
-        ]
-        await asyncio.gather(
-            *(self.instances[k].sleep(self._spec(k[0]).sleep_level) for k in asleep)
-        )
+        # The broker says how deep each sleeps when it accounts host RAM (level 2 when
+        # the weights have no room there); otherwise the service's own level.
+        levels = {
+            (v.service, v.k, v.start): v.level or self._spec(v.service).sleep_level
+            for v in victims
+            if v.service in self.specs
+        }
+        asleep = [key for key in levels if key in self.awake and key in self.instances]
+        await asyncio.gather(*(self.instances[k].sleep(levels[k]) for k in asleep))
         for key in asleep:
             self.awake.discard(key)
+            self.slept_at[key] = levels[key]
         out += [Resident(s, k, self.node, u) for s, k, u in asleep]
         return out
 
@@ -275,8 +286,11 @@ class ServiceHost:
         key = (service, len(units), units[0])
         # Restore whenever the state is not here, whatever the broker believed: after an
         # executor restart its cache is empty even where the broker's is not.
-        restored = key not in self.resident
-        seconds = await asyncio.to_thread(self.restore, service, units) if restored else 0.0
+        restored, seconds = False, 0.0
+        async with self._starting.setdefault(key, asyncio.Lock()):
+            if key not in self.resident:
+                seconds = await asyncio.to_thread(self.restore, service, units)
+                restored = True
         state = self.resident[key]
         output = await asyncio.to_thread(spec.run, state, payload)
         return ServiceResult(
@@ -294,23 +308,28 @@ class ServiceHost:
     ) -> ServiceResult:
         assert spec.engine is not None
         key = (spec.name, len(units), units[0])
-        inst = self.instances.get(key)
-        if inst is not None and tuple(inst.gpus) != tuple(units):
-            raise ServiceError(f"instance {inst.url} runs on GPUs {inst.gpus}, not {list(units)}")
         launched = restored = False
         seconds = launch_seconds = 0.0
-        if inst is None:  # on demand, or a pre-launched instance that was stopped
-            t0 = time.perf_counter()
-            inst = await asyncio.to_thread(spec.engine.launch, units)
-            launch_seconds = time.perf_counter() - t0
-            self.instances[key] = inst
-            launched = True
-        elif key not in self.awake:
-            t0 = time.perf_counter()
-            await self._or_forget(key, inst.wake())
-            seconds = time.perf_counter() - t0
-            restored = True
-        self.awake.add(key)
+        woke_from = 0
+        async with self._starting.setdefault(key, asyncio.Lock()):
+            inst = self.instances.get(key)
+            if inst is not None and tuple(inst.gpus) != tuple(units):
+                raise ServiceError(
+                    f"instance {inst.url} runs on GPUs {inst.gpus}, not {list(units)}"
+                )
+            if inst is None:  # on demand, or a pre-launched instance that was stopped
+                t0 = time.perf_counter()
+                inst = await asyncio.to_thread(spec.engine.launch, units)
+                launch_seconds = time.perf_counter() - t0
+                self.instances[key] = inst
+                launched = True
+            elif key not in self.awake:
+                t0 = time.perf_counter()
+                await self._or_forget(key, inst.wake())
+                seconds = time.perf_counter() - t0
+                restored = True
+                woke_from = self.slept_at.pop(key, spec.sleep_level)
+            self.awake.add(key)
         output = await self._or_forget(key, inst.call(payload))
         return ServiceResult(
             output=output,
@@ -323,6 +342,7 @@ class ServiceHost:
             launched=launched,
             launch_seconds=launch_seconds,
             url=inst.url,
+            woke_from=woke_from,
         )
 
     async def _or_forget(self, key: Key, step: Coroutine[Any, Any, Any]) -> Any:

@@ -383,10 +383,14 @@ class BrokerActor:
         await self._remove_workdirs(trajectory, pinned)
         return cancelled
 
-    async def observe_restore(self, pool: str, service: str, seconds: float) -> None:
-        """Feed a measured restore time into the GPU pool's cost model (a core event)."""
+    async def observe_restore(
+        self, pool: str, service: str, seconds: float, reload: bool = False
+    ) -> None:
+        """Feed a measured restore time into the GPU pool's cost model (a core event): a
+        wake from host RAM, or with ``reload`` one that loaded the weights again."""
+        what = "reload_seconds" if reload else "restore_seconds"
         with contextlib.suppress(ValueError):  # a pool or service a restart dropped
-            self.broker.observe(pool, "restore_seconds", service, seconds)
+            self.broker.observe(pool, what, service, seconds)
 
     # ------------------------------------------------------------------ the HTTP hook
     async def serve_http(

@@ -147,7 +147,9 @@ class Runner:
         )
         if result.restored:
             # The measured copy time corrects the pool's restore cost (fire and forget).
-            self.broker.observe_restore.remote(pool, service, result.restore_seconds)
+            self.broker.observe_restore.remote(
+                pool, service, result.restore_seconds, result.woke_from == 2
+            )
         return result
 
     async def sandbox_call(self, lease: Lease, pools: Pools, method: str, *args: Any) -> Any:

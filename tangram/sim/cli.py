@@ -55,6 +55,7 @@ from tangram.sim.workloads import (
     DeepSearchParams,
     MopdParams,
     generate,
+    without_batching,
 )
 from tangram.spec import TangramError
 
@@ -171,6 +172,14 @@ HideDurationsOpt = Annotated[
         "scheduler has only what it observes",
     ),
 ]
+NoBatchingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-batching",
+        help="GPU services take one request per instance (max_concurrency 1, no batching "
+        "curve): the model before request slots, for comparison",
+    ),
+]
 JsonOpt = Annotated[
     bool,
     typer.Option(
@@ -180,6 +189,10 @@ JsonOpt = Annotated[
     ),
 ]
 WORKLOAD_HELP = "one of: " + ", ".join(WORKLOADS)
+
+
+def _batching(pools: dict[str, Any], off: bool) -> dict[str, Any]:
+    return without_batching(pools) if off else pools
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -372,6 +385,7 @@ def sim(
     check: CheckOpt = False,
     duration_error: DurationErrorOpt = 0.0,
     hide_durations: HideDurationsOpt = False,
+    no_batching: NoBatchingOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate a workload and run it under each policy; print a table (with the lower
@@ -385,7 +399,7 @@ def sim(
     _check_out(out)
     _check_trace_path(save_trace)
     _need_plots("sim")
-    pools = _resized(_pools(config, workload), pool, capacity)
+    pools = _resized(_batching(_pools(config, workload), no_batching), pool, capacity)
     t0 = time.perf_counter()
     trajs = generate(workload, batch, steps, seed)
     if save_trace is not None:
@@ -441,6 +455,7 @@ def replay(
     check: CheckOpt = False,
     duration_error: DurationErrorOpt = 0.0,
     hide_durations: HideDurationsOpt = False,
+    no_batching: NoBatchingOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Replay a recorded trace under each policy; print a table, write results."""
@@ -453,7 +468,7 @@ def replay(
         raise _fail("--hide-durations declares no duration; leave out --duration-error")
     _check_out(out)
     _need_plots("replay")
-    pools = _resized(_pools(config, workload), pool, capacity)
+    pools = _resized(_batching(_pools(config, workload), no_batching), pool, capacity)
     t0 = time.perf_counter()
     try:
         trajs = read_trace(trace)
@@ -507,6 +522,7 @@ def sweep(
     check: CheckOpt = False,
     duration_error: DurationErrorOpt = 0.0,
     hide_durations: HideDurationsOpt = False,
+    no_batching: NoBatchingOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Vary batch size or pool capacity; plot mean ACT per policy (the scalability
@@ -535,7 +551,7 @@ def sweep(
         raise _fail("--hide-durations declares no duration; leave out --duration-error")
     _check_out(out)
     _need_plots("sweep")
-    pools = _resized(_pools(config, workload), pool, capacity)
+    pools = _resized(_batching(_pools(config, workload), no_batching), pool, capacity)
     target = _target_pool(pools, pool)
     t0 = time.perf_counter()
     points: list[dict[str, Any]] = []

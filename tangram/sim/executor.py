@@ -4,9 +4,11 @@ changed, release when an action's execution (plus any GPU restore) is over.
 
 Execution time follows from the grant: the true duration at the units on the key pool
 (``ActionSpec.duration_at``, the arithmetic of ``Action.duration_at``; the action may
-have declared another duration, or none, to the scheduler) plus ``Manager.held_cost``
-(the restore time of a service that was not resident). The core's own accounting
-(busy and idle unit-seconds, restores) is read back at the end.
+have declared another duration, or none, to the scheduler), stretched by
+``Manager.latency_factor`` (an engine batching the requests in flight on its instance
+when this one starts, and not revised as others join or leave: a simplification), plus
+``Manager.held_cost`` (the restore time of a service that was not resident). The core's
+own accounting (busy and idle unit-seconds, restores) is read back at the end.
 """
 
 from __future__ import annotations
@@ -33,23 +35,31 @@ class InvariantError(AssertionError):
 
 
 def check_pools(core: Core) -> None:
-    """Capacity and exclusivity, checked against the managers and the active leases."""
+    """Capacity and exclusivity, checked against the managers and the active leases.
+    Units may be held by several leases only on a pool that shares them (GPU request
+    slots), and then only by leases of one instance (same epoch, same units)."""
     for name, mgr in core.pools.items():
         for node, (cap, used) in mgr.usage().items():
             if cap and used > cap:
                 raise InvariantError(f"pool {name} node {node!r}: {used} units in use > {cap}")
             if used < 0:
                 raise InvariantError(f"pool {name} node {node!r}: negative use {used}")
-    held: dict[tuple[str, Any, Any], str] = {}
+    held: dict[tuple[str, Any, Any], tuple[str, tuple[Any, ...]]] = {}
     per_node: dict[tuple[str, Any], int] = defaultdict(int)
     for lid, lease in core.leases.items():
         for pool, alloc in lease.allocation.items():
-            per_node[(pool, alloc.node or "")] += alloc.amount
+            shared = core.pools[pool].shares_units
+            first = True
             for u in alloc.units:
                 k = (pool, alloc.node, u)
+                same = (lease.action.service, alloc.units)
                 if k in held:
-                    raise InvariantError(f"unit {k} held by {held[k]} and {lid}")
-                held[k] = lid
+                    if not shared or held[k][1] != same:
+                        raise InvariantError(f"unit {k} held by {held[k][0]} and {lid}")
+                    first = False
+                held[k] = (lid, same)
+            if first:
+                per_node[(pool, alloc.node or "")] += alloc.amount
     for (pool, node), amount in per_node.items():
         cap, used = core.pools[pool].usage().get(node, (0, 0))
         if used != amount:
@@ -146,7 +156,10 @@ class CoreExecutor:
                 exec_s = run.spec.duration_at(a.key, amount) or 0.0
                 extra = 0.0
                 for pool, alloc in lease.allocation.items():
-                    extra += core.pools[pool].held_cost(a, alloc)
+                    mgr = core.pools[pool]
+                    extra += mgr.held_cost(a, alloc)
+                    if mgr.shares_units:
+                        exec_s *= mgr.latency_factor(a, alloc)
                 run.started = now
                 run.exec_s = exec_s
                 run.setup_s = extra

@@ -8,6 +8,7 @@ functions of the parameters and a seed: the same seed gives the same trajectorie
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,11 +57,40 @@ API_POOLS: dict[str, Any] = {
 TP_EFFICIENCY = {"table": {"1": 1.0, "2": 0.9, "4": 0.75, "8": 0.55}}
 
 
-def _services(names: list[str], memory_gb: float, restore: float) -> dict[str, Any]:
+# Batching curves: (requests in flight on one instance, latency multiplier), assumed, not
+# measured (no GPU here; docs/gpu-services.md). A teacher scores a whole trajectory
+# (prefill: compute-bound), so batching gains little: throughput saturates near 3.6x one
+# request's. The judge generates a verdict (decode: memory-bound) and batches well:
+# about 11x at 32 in flight.
+PREFILL_BATCHING = [[2, 1.15], [4, 1.5], [8, 2.4], [16, 4.4]]
+DECODE_BATCHING = [[2, 1.05], [4, 1.15], [8, 1.35], [16, 1.8], [32, 2.8]]
+
+
+def _services(
+    names: list[str], memory_gb: float, restore: float, slots: int, batching: list[list[float]]
+) -> dict[str, Any]:
     return {
-        n: {"memory_gb": memory_gb, "restore_seconds": restore, "parallelism": [1, 2, 4, 8]}
+        n: {
+            "memory_gb": memory_gb,
+            "restore_seconds": restore,
+            "parallelism": [1, 2, 4, 8],
+            "max_concurrency": slots,
+            "batching": batching,
+        }
         for n in names
     }
+
+
+def without_batching(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every GPU service taking one request per instance (no request
+    slots): the model before engines batched, kept for comparison."""
+    out = copy.deepcopy(config)
+    for pool in out.get("pools", {}).values():
+        if pool.get("kind") == "gpu":
+            for svc in pool.get("services", {}).values():
+                svc["max_concurrency"] = 1
+                svc.pop("batching", None)
+    return out
 
 
 # ----------------------------------------------------------------------------- coding
@@ -266,6 +296,8 @@ class MopdParams:
     teacher_memory_gb: float = 64.0  # a 32B model in bf16 (assumed)
     # Restore from the host copy (assumed; the paper: restore is 20-35% of execution).
     restore_s: float = 1.5
+    # Request slots per teacher instance (an engine's concurrent requests; assumed).
+    slots: int = 8
 
 
 def teacher_names(n: int) -> list[str]:
@@ -333,11 +365,17 @@ def _gpu_pool(services: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mopd_services(p: MopdParams) -> dict[str, Any]:
-    return _services(teacher_names(p.teachers), p.teacher_memory_gb, p.restore_s)
+    return _services(
+        teacher_names(p.teachers),
+        p.teacher_memory_gb,
+        p.restore_s,
+        p.slots,
+        PREFILL_BATCHING,
+    )
 
 
 # The judge: an assumed 32B-class reward model with the same restore time as a teacher.
-JUDGE = _services(["judge"], 64.0, 1.5)
+JUDGE = _services(["judge"], 64.0, 1.5, 32, DECODE_BATCHING)
 
 
 def _mixed(batch: int, steps: int, rng: np.random.Generator) -> list[TrajectorySpec]:

@@ -106,6 +106,9 @@ class Manager(ABC):
     has_extra_cost: ClassVar[bool] = False  # whether extra_cost can be non-zero
     runs_services: ClassVar[bool] = False  # whether actions name a service to run here
     unit: ClassVar[str] = "units"  # what one unit is called, in plural ("cores", "GPUs")
+    # Whether several leases may hold the same units (a GPU instance's request slots);
+    # the core then tells the manager each grant's fencing token (``granted``).
+    shares_units: ClassVar[bool] = False
     metrics: ClassVar[tuple[MetricFamily, ...]] = ()  # exported by ``samples``
 
     def __init__(self, name: str) -> None:
@@ -185,6 +188,15 @@ class Manager(ABC):
         """The pool's accounting beyond the snapshot, by name (for drivers that have no
         Prometheus registry, e.g. a Ray client)."""
         return {}
+
+    def granted(self, alloc: Allocation, token: int) -> None:
+        """The lease holding ``alloc`` was granted (or restored) with fencing ``token``
+        (called only when ``shares_units``)."""
+
+    def latency_factor(self, action: Action, alloc: Allocation) -> float:
+        """How much longer the action runs for sharing its units with others (an engine
+        batching concurrent requests); the simulator's model, 1 when nothing is shared."""
+        return 1.0
 
     def held_cost(self, action: Action, alloc: Allocation) -> float:
         """Time a granted action pays on top of its duration (a restore it needed)."""
