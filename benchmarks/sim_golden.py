@@ -47,7 +47,7 @@ PAPER: dict[str, list[str]] = {
     "H": ["sweep", "-w", "mopd", "-p", "tangram", "-p", "static", "--vary", "batch",
           "--values", "64,256,1024,2048"],
     "I": ["sweep", "-w", "mixed", "-p", "tangram", "-p", "static", "--vary", "capacity",
-          "--values", "8,12,16,24,40"],
+          "--values", "8,10,12,16,24,40"],
 }  # fmt: skip
 
 SMALL: dict[str, list[str]] = {

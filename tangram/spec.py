@@ -359,6 +359,9 @@ class Allocation(NamedTuple):
     # Units shared by the actions of one engine instance (GPU request slots): the fencing
     # token of the lease that opened the instance; 0 when the units are this lease's own.
     epoch: int = 0
+    # With ``restore``: what the pool expects the restore to take (a wake from host RAM
+    # or a reload), the figure the simulator and the metrics charge it.
+    restore_seconds: float = 0.0
 
 
 @dataclass(slots=True, eq=False)

@@ -192,6 +192,8 @@ def allocation_out(a: Allocation, *, full: bool = True) -> dict[str, Any]:
             out["pinned"] = True
         if a.epoch:
             out["epoch"] = a.epoch
+        if a.restore_seconds:
+            out["restore_seconds"] = a.restore_seconds
     return out
 
 
@@ -205,6 +207,7 @@ def allocation_in(raw: Mapping[str, Any]) -> Allocation:
         tuple(resident_in(r) for r in raw.get("evicts", ())),
         bool(raw.get("pinned", False)),
         int(raw.get("epoch", 0)),
+        float(raw.get("restore_seconds", 0.0)),
     )
 
 

@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 
@@ -35,6 +34,7 @@ from tangram.errors import (
 from tangram.leasing import LeaseContext
 from tangram.server.models import MAX_NAME
 from tangram.server.service import Service
+from tangram.server.upstream import Answer, UpstreamError, Upstreams, UpstreamTimeout
 from tangram.spec import Action, Lease
 
 Scope = MutableMapping[str, Any]
@@ -184,66 +184,37 @@ class UsageScanner:
 
 
 class Gateway:
-    """The gateway's state: its models and one pooled HTTP client for the upstreams.
-
-    The client is aiohttp's: its C parser and connection pool cost about a tenth of the
-    CPU per forwarded call that httpx's did (benchmarks/bench_gateway.py; httpx's pool
-    checks every idle connection's socket on each request). No cookie jar (a cookie an
-    upstream set for one tenant's call must not ride on another's), no redirects, no
-    proxies from the environment, no decompression (the bytes are relayed as sent)."""
+    """The gateway's state: its models and one pool of upstream connections
+    (tangram.server.upstream: no cookies, no redirects, no proxies from the environment,
+    no decompression; the bytes are relayed as sent)."""
 
     def __init__(self, cfg: GatewayConfig, svc: Service) -> None:
         self.cfg = cfg
         self.svc = svc
         self.models: dict[str, GatewayModelConfig] = dict(cfg.models)
-        self._session: aiohttp.ClientSession | None = None
+        self._upstreams: Upstreams | None = None
         self._holds: set[asyncio.Task[None]] = set()
-        # Per model: connecting (a pooled connection's wait included) within the queue
-        # timeout, each read of the answer within the model's timeout.
-        self.timeouts = {
-            name: aiohttp.ClientTimeout(
-                total=None,
-                connect=cfg.queue_timeout_seconds,
-                sock_connect=m.timeout_seconds,
-                sock_read=m.timeout_seconds,
-            )
-            for name, m in self.models.items()
-        }
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """One session, its connections pooled and kept alive, for every upstream."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.cfg.max_connections, limit_per_host=0, keepalive_timeout=30.0
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-                trust_env=False,
-            )
-        return self._session
+    def upstreams(self) -> Upstreams:
+        """Made on first use, inside the server's event loop."""
+        if self._upstreams is None:
+            self._upstreams = Upstreams(self.cfg.max_connections, keepalive=30.0)
+        return self._upstreams
 
     def connections(self) -> int:
         """Open upstream connections, idle and in use (for tests and status)."""
-        if self._session is None:
-            return 0
-        conn = self._session.connector
-        assert isinstance(conn, aiohttp.TCPConnector)
-        idle = sum(len(v) for v in conn._conns.values())  # aiohttp keeps no public count
-        return idle + len(conn._acquired)
+        return 0 if self._upstreams is None else self._upstreams.connections()
 
     async def aclose(self) -> None:
-        """Release the leases held back after upstream 429s; close the client."""
+        """Release the leases held back after upstream 429s; close the connections."""
         for task in list(self._holds):
             task.cancel()
         if self._holds:
             await asyncio.wait(self._holds, timeout=5)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._upstreams is not None:
+            await self._upstreams.aclose()
+            self._upstreams = None
 
     def action(
         self, model: str, m: GatewayModelConfig, body: dict[str, Any], size: int, scope: Scope,
@@ -303,10 +274,8 @@ class Call(Response):
         url: str,
         raw: bytes,
         m: GatewayModelConfig,
-        timeout: aiohttp.ClientTimeout,
     ) -> None:
         # Not Response.__init__: this response writes itself.
-        self.timeout = timeout
         self.gw = gw
         self.ctx = ctx
         self.url = url
@@ -393,41 +362,38 @@ class Call(Response):
             headers["authorization"] = f"Bearer {m.api_key}"
         lease_id = lease.id.encode()
         try:
-            upstream = await gw.session.post(
+            upstream = await gw.upstreams.post(
                 self.url,
-                data=self.raw,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self.timeout,
+                self.raw,
+                headers,
+                connect_timeout=gw.cfg.queue_timeout_seconds,
+                read_timeout=m.timeout_seconds,
             )
-        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
+        except UpstreamTimeout as exc:
             await self._error(
                 send, 504, f"upstream {m.upstream} did not answer in {m.timeout_seconds:g} s", {}
             )
             return exc
-        except aiohttp.ClientError as exc:
-            await self._error(
-                send, 502, f"upstream {m.upstream} failed: {type(exc).__name__}: {exc}", {}
-            )
+        except UpstreamError as exc:
+            await self._error(send, 502, f"upstream {m.upstream} failed: {exc}", {})
             return exc
         try:
             return await self.relay(send, upstream, lease_id)
         finally:
-            upstream.release()
+            upstream.close()
 
-    async def relay(
-        self, send: Send, upstream: aiohttp.ClientResponse, lease_id: bytes
-    ) -> BaseException | None:
+    async def relay(self, send: Send, upstream: Answer, lease_id: bytes) -> BaseException | None:
         gw, ctx, m = self.gw, self.ctx, self.m
-        head = [(k, v) for k, v in upstream.raw_headers if k.lower() not in HOP]
+        head = [(k, v) for k, v in upstream.headers if k.lower() not in HOP]
         head.append((LEASE_HEADER, lease_id))
-        streamed = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        kind = upstream.header(b"content-type") or ""
+        streamed = kind.startswith("text/event-stream")
         try:
             if streamed and upstream.status == 200:
                 scanner = UsageScanner()
                 await self._start(send, 200, head)
                 try:
-                    async for chunk in upstream.content.iter_any():
+                    async for chunk in upstream.chunks():
                         scanner.feed(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 finally:
@@ -438,28 +404,28 @@ class Call(Response):
                 return None
             parts = []
             size = 0
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 size += len(chunk)
                 if size > MAX_BODY:
                     raise AnswerTooLarge(f"the answer passed {MAX_BODY} bytes")
                 parts.append(chunk)
             body = b"".join(parts)
-        except TimeoutError as exc:
+        except UpstreamTimeout as exc:
             if not self.started:
                 msg = f"upstream {m.upstream} stopped answering for {m.timeout_seconds:g} s"
                 await self._error(send, 504, msg, {})
             else:  # mid-stream: the stream ends without its [DONE]
                 await send({"type": "http.response.body", "body": b""})
             return exc
-        except (aiohttp.ClientError, AnswerTooLarge) as exc:
+        except (UpstreamError, AnswerTooLarge) as exc:
             if not self.started:
-                msg = f"upstream {m.upstream} failed: {type(exc).__name__}: {exc}"
+                msg = f"upstream {m.upstream} failed: {exc}"
                 await self._error(send, 502, msg, {})
             else:
                 await send({"type": "http.response.body", "body": b""})
             return exc
         status = upstream.status
-        if status == 200 and not upstream.headers.get("content-encoding"):
+        if status == 200 and not upstream.header(b"content-encoding"):
             try:
                 used = usage_tokens(orjson.loads(body).get("usage"))
             except (orjson.JSONDecodeError, AttributeError):
@@ -469,7 +435,7 @@ class Call(Response):
         head.append((b"content-length", str(len(body)).encode()))
         if status == 429:
             after = retry_after_of(
-                upstream.headers.get("retry-after"), float(gw.svc.settings.retry_after_seconds)
+                upstream.header(b"retry-after"), float(gw.svc.settings.retry_after_seconds)
             )
             if not any(k.lower() == b"retry-after" for k, _ in head):
                 head.append((b"retry-after", str(max(1, round(after))).encode()))

@@ -187,8 +187,6 @@ class GpuManager(Manager):
             n.name: OrderedDict() for n in nodes
         }
         self.host_used = {n.name: 0.0 for n in nodes}
-        # Per granted action: the restore it pays (read once by ``held_cost``).
-        self.paid: dict[str, float] = {}
         self.resident: dict[Variant, set[tuple[str, int]]] = {}
         # Running instances by (node, chunk start), and free request slots per variant.
         self.instances: dict[tuple[str, int], Instance] = {}
@@ -450,13 +448,12 @@ class GpuManager(Manager):
         node, start, sub, size = pick
         self.tick(now)
         self._take(node, start, size, sub, amount)
-        restore, evicted = False, list[Resident]()
+        restore, paid, evicted = False, 0.0, list[Resident]()
         if svc is not None:
             cost, evicted = self._place(svc, amount, node, sub)
             if cost is not None:
-                restore = True
+                restore, paid = True, cost
                 self.restore_seconds_total += cost
-                self.paid[action.id] = cost
             if self._open(svc, amount, node, sub, 0):
                 self.started_with[action.id] = 1
         return Allocation(
@@ -465,6 +462,7 @@ class GpuManager(Manager):
             units=tuple(range(sub, sub + amount)),
             restore=restore,
             evicts=tuple(evicted),
+            restore_seconds=paid,
         )
 
     # ---- request slots ------------------------------------------------------------------
@@ -636,9 +634,10 @@ class GpuManager(Manager):
         return service in self.services
 
     def held_cost(self, action: Action, alloc: Allocation) -> float:
-        """The restore its grant paid (asked once, right after the grant)."""
+        """The restore its grant pays, as estimated then (a grant recorded before
+        ``Allocation.restore_seconds`` existed: the service's restore time now)."""
         if alloc.restore and action.service is not None:
-            return self.paid.pop(action.id, self.services[action.service].restore_seconds)
+            return alloc.restore_seconds or self.services[action.service].restore_seconds
         return 0.0
 
     def release(
@@ -646,8 +645,6 @@ class GpuManager(Manager):
     ) -> None:
         assert alloc.node is not None
         node, start, size = alloc.node, alloc.units[0], alloc.amount
-        if self.paid:
-            self.paid.pop(action.id, None)
         if self.instances and (node, start) in self.instances:
             self.started_with.pop(action.id, None)
             if not self._leave(node, start):

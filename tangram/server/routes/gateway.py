@@ -55,7 +55,7 @@ async def _forward(request: Request, path: str) -> Response:
         status, message, headers = tangram_error(exc, svc.settings.retry_after_seconds)
         return openai_error(status, message, headers=headers)
     ctx = svc.broker.lease(action, timeout=gw.cfg.queue_timeout_seconds)
-    return Call(gw, ctx, m.upstream + path, raw, m, gw.timeouts[model])
+    return Call(gw, ctx, m.upstream + path, raw, m)
 
 
 async def chat_completions(request: Request) -> Response:
