@@ -9,12 +9,14 @@ services awake on one GPU at once would fail with out-of-memory."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 import ray
@@ -34,6 +36,9 @@ CONFIG: dict[str, Any] = {
             "services": {
                 "judge": {"memory_gb": 60, "restore_seconds": 0.5},
                 "rm": {"memory_gb": 60, "restore_seconds": 0.5},
+                # Small enough to stay beside either (its emulator accounts no memory);
+                # four calls at once on one instance (request slots).
+                "grader": {"memory_gb": 10, "restore_seconds": 0.5, "max_concurrency": 4},
             },
         }
     },
@@ -68,9 +73,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ray.init(
         num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {GPU_DIR_ENV: str(gpus)}}
     )
+    grader = [
+        sys.executable, "-m", "tangram.testing.engine", "--port", "{port}", "--host", "{host}",
+        "--model", "{model}", "--tensor-parallel-size", "{tp}", "--latency", "1.0",
+    ]  # fmt: skip
     services = [
         ServiceSpec("judge", engine=engine("judge-model")),
         ServiceSpec("rm", engine=engine("rm-model")),
+        ServiceSpec("grader", engine=VllmEngine(model="grader", command=grader)),
     ]
     tr.start_broker(CONFIG, name="eng", detached=False, services=services, data_dir=None)
     yield gpus
@@ -102,6 +112,26 @@ async def test_services_take_turns_on_one_gpu(client: tr.Client, cluster: Path):
     assert [r.launched for _, r in answers] == [True, True, False, False]
     assert all(r.restored and r.restore_seconds >= 0.1 for _, r in answers[2:])
     assert all(r.evicted for _, r in answers[1:])
+    snap = await client.snapshot()
+    assert snap["pools"]["gpu"]["in_use"] == 0
+
+
+async def test_calls_share_one_instance_through_its_request_slots(client: tr.Client):
+    """Four grader calls at once: the broker grants them one instance (its first lease
+    opens it, three join with its epoch), the executor's fence admits all four, and the
+    engine serves them together (it takes 1 s per answer)."""
+    payload = {"model": "grader", "prompt": "grade this", "max_tokens": 2}
+    first = await client.run(Action.build("g0", {"gpu": 1}, service="grader"), ServiceCall(payload))
+    results = await asyncio.gather(
+        *(
+            client.run(Action.build(f"g{i}", {"gpu": 1}, service="grader"), ServiceCall(payload))
+            for i in range(1, 5)
+        )
+    )
+    assert {r.url for r in results} == {first.url}
+    assert not any(r.launched or r.restored for r in results)
+    stats = httpx.get(first.url + "/stats").json()
+    assert stats["max_in_flight"] == 4  # all four at once on the one engine
     snap = await client.snapshot()
     assert snap["pools"]["gpu"]["in_use"] == 0
 
