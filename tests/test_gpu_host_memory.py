@@ -122,3 +122,22 @@ async def test_the_executor_sleeps_each_instance_as_deep_as_the_broker_says(tmp_
         assert again.restored and again.woke_from == 1
     finally:
         host.close()
+
+
+def test_a_chunk_where_the_variant_sleeps_in_host_ram_is_preferred(make_core):
+    cfg = pools(500.0)
+    cfg["gpu"]["nodes"][0]["gpus"] = 2
+    core = make_core(cfg, policy="min")
+    mgr = core.pools["gpu"]
+    run(core, "b", 0.0)  # b on GPU 0
+    # c on GPU 1, then a on GPU 1: c sleeps there with its weights in host RAM.
+    core.submit(Action.build("hold", {"gpu": 1}, service="b", duration=1.0), 1.0)
+    (hold,) = core.schedule(1.0)  # b busy on GPU 0
+    run(core, "c", 2.0)
+    run(core, "a", 4.0)
+    assert ("c", 1, 1) in mgr.sleeping["g"]
+    core.release(hold.lease.id, 5.0)
+    # Both GPUs free; c is resident on neither, asleep in host RAM on GPU 1: it goes
+    # there (a 1 s wake), not to GPU 0 (a 10 s reload).
+    alloc, cost = run(core, "c", 6.0)
+    assert alloc.units == (1,) and cost == 1.0

@@ -416,7 +416,8 @@ class GpuManager(Manager):
     def _choose(self, amount: int, service: str | None) -> tuple[str, int, int, int] | None:
         """(node, free chunk start, sub-chunk start, chunk size) for ``amount`` GPUs: the
         smallest free chunk that holds them; among equal ones, and their aligned sub-chunks,
-        one where the service is resident, then the lowest position."""
+        one where the service is resident, then one where it sleeps with its weights in
+        host RAM (a cheaper wake), then the lowest position."""
         size = next(
             (s for s in self.sizes if s >= amount and any(self.free[n][s] for n in self.free)),
             None,
@@ -427,12 +428,26 @@ class GpuManager(Manager):
         for n_i, (node_name, chunks) in enumerate(self.free.items()):
             for first in chunks[size]:
                 for sub in range(first, first + size, amount):
-                    warm = service is not None and self.is_resident(service, amount, node_name, sub)
-                    rank = (0 if warm else 1, n_i, first, sub, node_name)
+                    rank = (
+                        self._warmth(service, amount, node_name, sub),
+                        n_i,
+                        first,
+                        sub,
+                        node_name,
+                    )
                     if best is None or rank < best:
                         best = rank
         assert best is not None
         return best[4], best[2], best[3], size
+
+    def _warmth(self, service: str | None, k: int, node: str, start: int) -> int:
+        """0: the variant is resident on the chunk; 1: it sleeps there with its weights in
+        host RAM; 2: neither."""
+        if service is None:
+            return 2
+        if self.is_resident(service, k, node, start):
+            return 0
+        return 1 if (service, k, start) in self.sleeping[node] else 2
 
     def allocate(
         self, action: Action, amount: int, part: Hashable, now: float
