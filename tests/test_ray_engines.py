@@ -80,7 +80,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     services = [
         ServiceSpec("judge", engine=engine("judge-model")),
         ServiceSpec("rm", engine=engine("rm-model")),
-        ServiceSpec("grader", engine=VllmEngine(model="grader", command=grader)),
+        # Pre-launched: asleep on the node's one GPU from the start.
+        ServiceSpec(
+            "grader", engine=VllmEngine(model="grader", command=grader), launch="pre-launched"
+        ),
     ]
     tr.start_broker(CONFIG, name="eng", detached=False, services=services, data_dir=None)
     yield gpus
@@ -117,11 +120,14 @@ async def test_services_take_turns_on_one_gpu(client: tr.Client, cluster: Path):
 
 
 async def test_calls_share_one_instance_through_its_request_slots(client: tr.Client):
-    """Four grader calls at once: the broker grants them one instance (its first lease
-    opens it, three join with its epoch), the executor's fence admits all four, and the
+    """A pre-launched service with four request slots: its first call wakes the
+    sleeping instance; then four calls at once share it (the first lease opens the
+    instance, three join with its epoch), the executor's fence admits all four, and the
     engine serves them together (it takes 1 s per answer)."""
     payload = {"model": "grader", "prompt": "grade this", "max_tokens": 2}
     first = await client.run(Action.build("g0", {"gpu": 1}, service="grader"), ServiceCall(payload))
+    # The pre-launched instance was asleep: the first call wakes it, launches nothing.
+    assert first.restored and not first.launched
     results = await asyncio.gather(
         *(
             client.run(Action.build(f"g{i}", {"gpu": 1}, service="grader"), ServiceCall(payload))
