@@ -6,7 +6,11 @@ connection, timeouts and refused connections."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +171,36 @@ async def test_a_malformed_answer_is_an_error(pool: Upstreams) -> None:
     async with srv:
         with pytest.raises(UpstreamError, match="malformed"):
             await pool.post(url, b"{}", {})
+
+
+async def test_https_upstreams_are_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API provider behind TLS: the answer comes through when its certificate is
+    trusted (here through SSL_CERT_FILE), and the call is refused when it is not."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl (the command) makes the test's certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    server = Server(fixed(b"secret"))
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=tls)
+    port = srv.sockets[0].getsockname()[1]
+    url = f"https://localhost:{port}/v1/completions"
+    async with srv:
+        untrusted = Upstreams()
+        with pytest.raises(UpstreamError, match="could not connect"):
+            await untrusted.post(url, b"{}", {})
+        await untrusted.aclose()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusted = Upstreams()
+        try:
+            assert await read(await trusted.post(url, b"{}", {})) == b"secret"
+        finally:
+            await trusted.aclose()
