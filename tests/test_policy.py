@@ -80,14 +80,28 @@ def test_parse_policy_reads_paper_options():
 
 
 def test_parse_policy_reads_tangram_options():
-    p = parse_policy("tangram:share=0.5,price=0.3,boost=0,long=8,wait=1")
+    p = parse_policy("tangram:share=0.5,price=0.3,boost=0,long=8,wait=1,overdue=0")
     assert isinstance(p, Tangram)
     assert p.name == "tangram"
-    assert p.settings() == {"share": 0.5, "price": 0.3, "boost": 0.0, "long": 8.0, "wait": 1.0}
+    assert p.settings() == {
+        "share": 0.5,
+        "price": 0.3,
+        "boost": 0.0,
+        "long": 8.0,
+        "wait": 1.0,
+        "overdue": 0.0,
+    }
     d = parse_policy("tangram")
     assert isinstance(d, Tangram)
     # the documented defaults (docs/scheduling.md)
-    assert d.settings() == {"share": 0.25, "price": 0.2, "boost": 1.0, "long": 20.0, "wait": 0.5}
+    assert d.settings() == {
+        "share": 0.25,
+        "price": 0.2,
+        "boost": 1.0,
+        "long": 20.0,
+        "wait": 0.5,
+        "overdue": 5.0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -108,6 +122,8 @@ def test_parse_policy_reads_tangram_options():
         ("tangram:share=1.5", "share=F (0 < F <= 1)"),
         ("tangram:price=-1", "price=F, boost=F, wait=F (each >= 0)"),
         ("tangram:boost=x", "price=F, boost=F, wait=F (each >= 0)"),
+        ("tangram:overdue=-1", "overdue=F (seconds, finite, >= 0; 0: FCFS)"),
+        ("tangram:overdue=inf", "overdue=F (seconds, finite, >= 0; 0: FCFS)"),
         ("tangram:long=0.5", "long=F (>= 1)"),
     ],
 )
@@ -275,7 +291,14 @@ def test_elastic_policies_do_not_starve_a_long_queue(make_core, policy):
             t, lid = heapq.heappop(running)
             core.release(lid, t)
             ends.append(t)
-        assert list(starts) == [a.id for a in actions]  # FCFS
+        overdue = core.policy.overdue
+        if overdue == 0.0:
+            assert list(starts) == [a.id for a in actions]  # FCFS
+        else:
+            # tangram's bounded shortest-first: everything was queued at 0, so from
+            # ``overdue`` seconds on every action is overdue and starts in FCFS order.
+            late = [aid for aid, at in starts.items() if at >= overdue]
+            assert late == [a.id for a in actions if a.id in set(late)]
         results[name] = (max(starts.values()), sum(ends) / len(ends))
     last_start, mean_act = results[policy]
     min_last_start, min_mean_act = results["min"]
@@ -357,7 +380,9 @@ POOLS = {
 }
 
 
-@pytest.mark.parametrize("policy", ["tangram", "paper", "min", "fixed:4", "fixed:2"])
+# tangram with ``overdue=0``: its default order (bounded shortest-first) is checked in
+# tests/test_policy_tangram.py and, against random sequences, in tests/test_stateful.py.
+@pytest.mark.parametrize("policy", ["tangram:overdue=0", "paper", "min", "fixed:4", "fixed:2"])
 @pytest.mark.parametrize("pool", ["cpu", "gpu", "api"])
 def test_single_pool_grants_in_fcfs_order(make_core, policy, pool):
     cfg, workload = POOLS[pool]

@@ -233,3 +233,126 @@ def test_gpu_pools_are_arranged_by_the_paper_scheduler(make_core):
         out[name] = [(g.action.trajectory, g.lease.dop) for g in core.schedule(0.0)]
     assert out["tangram"] == out["paper"]
     assert out["paper"]  # something was granted
+
+
+def one_core_trace(make_core: Any, policy: str) -> list[str]:
+    """One core, held until t=4 while four one-core actions queue (a: 8 s at t=0, b: 4 s
+    at t=1, c: 2 s at t=2, d: 1 s at t=3); then each grant ends before the next round,
+    and e (0.5 s) arrives at t=8. Returns the trajectories in the order granted."""
+    core = make_core(cpu(1), policy=policy, lease_ttl=1e9)
+    core.submit(Action.build("hog", {"cpu": 1}, duration=100.0), 0.0)
+    (held,) = core.schedule(0.0)
+    for t, (name, dur) in enumerate([("a", 8.0), ("b", 4.0), ("c", 2.0), ("d", 1.0)]):
+        core.submit(Action.build(name, {"cpu": 1}, duration=dur), float(t))
+    order = []
+    for now in (4.0, 5.5, 7.0, 8.0, 9.0):
+        if now == 8.0:
+            core.submit(Action.build("e", {"cpu": 1}, duration=0.5), now)
+        core.release(held.lease.id, now)
+        (held,) = core.schedule(now)
+        order.append(held.action.trajectory)
+    assert core.queue_length == 0
+    return order
+
+
+def test_shortest_first_until_overdue_then_fcfs(make_core):
+    # t=4: nothing has waited 5 s: the shortest, d, goes first.
+    # t=5.5: a has waited 5.5 s, overdue: it goes before the shorter b and c.
+    # t=7: b (6 s) and c (5 s) are both overdue: FCFS, b before the shorter c.
+    # t=8: c (6 s) is overdue, e (0 s) is not: c first, whatever e's duration.
+    # t=9: e.
+    assert one_core_trace(make_core, "tangram:overdue=5") == ["d", "a", "b", "c", "e"]
+    # Without the bound's effect (nothing overdue within the trace): shortest first.
+    assert one_core_trace(make_core, "tangram:overdue=100") == ["d", "c", "b", "e", "a"]
+
+
+@pytest.mark.parametrize("policy", ["tangram:overdue=0", "min", "fixed:4", "paper"])
+def test_overdue_zero_and_the_other_policies_keep_fcfs(make_core, policy):
+    assert one_core_trace(make_core, policy) == ["a", "b", "c", "d", "e"]
+
+
+def test_a_blocked_waiter_holds_back_those_after_it_in_the_walk(make_core):
+    # Two cores, one free. s (1 s, two cores) comes first in the walk and does not fit:
+    # l (9 s, one core), after it in the walk though queued before it, waits behind it.
+    core = make_core(cpu(2), policy="tangram:overdue=5", lease_ttl=1e9)
+    core.submit(Action.build("hog", {"cpu": 1}, duration=100.0), 0.0)
+    (hog,) = core.schedule(0.0)
+    core.submit(Action.build("l", {"cpu": 1}, duration=9.0), 0.0)
+    core.submit(Action.build("s", {"cpu": 2}, duration=1.0), 1.0)
+    assert core.schedule(2.0) == []
+    # Once l is overdue it goes first and takes the free core.
+    (g,) = core.schedule(5.0)
+    assert g.action.trajectory == "l"
+    core.release(hog.lease.id, 6.0)
+    assert core.schedule(6.0) == []  # s waits for both cores
+    core.release(g.lease.id, 7.0)
+    assert [g.action.trajectory for g in core.schedule(7.0)] == ["s"]
+
+
+def test_an_undeclared_duration_is_its_kinds_observed_mean(make_core):
+    # Nothing declares a duration. A kind never seen is expected to take 0 s (it goes
+    # first and is measured); once seen, its mean held time orders it.
+    core = make_core(cpu(1), policy="tangram:overdue=5", lease_ttl=1e9)
+    pol = core.policy
+    assert isinstance(pol, Tangram)
+    now = 0.0
+    for task, took in (("slow", 3.0), ("quick", 1.0)):
+        core.submit(Action.build("x", {"cpu": 1}, task=task), now)
+        (g,) = core.schedule(now)
+        now += took
+        core.release(g.lease.id, now)
+    assert pol.means[("slow", (("cpu", 1, 1),))] == (1, pytest.approx(3.0))
+    assert pol.means[("quick", (("cpu", 1, 1),))] == (1, pytest.approx(1.0))
+    core.submit(Action.build("hog", {"cpu": 1}, duration=10.0), now)
+    (hog,) = core.schedule(now)
+    for task in ("slow", "quick", "new"):
+        core.submit(Action.build(task, {"cpu": 1}, task=task), now)
+    order = []
+    for _ in range(3):
+        now += 1.0
+        core.release(hog.lease.id, now)
+        (hog,) = core.schedule(now)
+        order.append(hog.action.trajectory)
+    assert order == ["new", "quick", "slow"]
+
+
+def test_the_shortest_first_index_follows_the_queue(make_core):
+    # 10,000 queued stay cheap: the core keeps them sorted as they come and go, and a
+    # round reads only the head of the order (checked for consistency here).
+    core = make_core(cpu(4), policy="tangram:overdue=5", lease_ttl=1e9)
+    ids = [
+        core.submit(Action.build(f"t{i}", {"cpu": 1}, duration=float(i % 7)), 0.0).id
+        for i in range(50)
+    ]
+    for aid in ids[::3]:
+        core.cancel(aid, 0.0)
+    core.schedule(0.0)
+    index = core._shortest
+    assert index is not None
+    assert index == sorted(index)
+    assert {item[2] for item in index} == {a.id for a in core.queued()}
+    assert all(item[3].order == item[:3] for item in index)
+    assert make_core(cpu(4), policy="tangram:overdue=0")._shortest is None
+
+
+def test_actions_on_pools_of_gpu_services_keep_fcfs(make_core):
+    # Those pools are arranged by the paper's scheduler, whose queue estimate reads the
+    # waiters in FCFS order: a shorter action does not pass a longer one there.
+    pools = {
+        "gpu": {
+            "kind": "gpu",
+            "nodes": [{"name": "g", "gpus": 1, "memory_gb": 80}],
+            "services": {"m": {"memory_gb": 10, "restore_seconds": 0.0, "parallelism": [1]}},
+        }
+    }
+    core = make_core(pools, policy="tangram:overdue=5", lease_ttl=1e9)
+    core.submit(Action.build("hog", {"gpu": 1}, service="m", duration=100.0), 0.0)
+    (held,) = core.schedule(0.0)
+    for t, (name, dur) in enumerate([("a", 8.0), ("b", 4.0), ("c", 1.0)]):
+        core.submit(Action.build(name, {"gpu": 1}, service="m", duration=dur), float(t))
+    order = []
+    for now in (3.0, 3.5, 4.0):
+        core.release(held.lease.id, now)
+        (held,) = core.schedule(now)
+        order.append(held.action.trajectory)
+    assert order == ["a", "b", "c"]

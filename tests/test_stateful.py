@@ -3,8 +3,12 @@ against the core, checking after every step that:
 
 - no core id or GPU is held by two leases, and every lease's units are really taken;
 - no pool exceeds its capacity, concurrency cap or windowed quota;
-- FCFS: a grant never overtakes an earlier waiting action that competes for the same
-  units (the same quota or GPU pool, or the same CPU node);
+- order: a grant never overtakes a waiting action that comes before it in the round's
+  order and competes for the same units (the same quota or GPU pool, or the same CPU
+  node). The order is FCFS, or with ``tangram``'s bounded shortest-first the actions
+  queued ``overdue`` seconds or longer in FCFS order, then the others by declared
+  duration, those on the pool of GPU services (the paper's) first and in FCFS order
+  (worked out here from that rule, not read from the core);
 - when everything ends (leases released, queue cancelled, trajectories closed) every
   unit, slot and gigabyte is back.
 """
@@ -100,7 +104,11 @@ class CoreMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.policy = "tangram"
 
-    @initialize(policy=st.sampled_from(["tangram", "paper", "min", "fixed:2"]))
+    @initialize(
+        policy=st.sampled_from(
+            ["tangram", "tangram:overdue=1", "tangram:overdue=0", "paper", "min", "fixed:2"]
+        )
+    )
     def setup(self, policy: str) -> None:
         cfg = parse_config(CONFIG)
         self.policy = policy
@@ -122,7 +130,7 @@ class CoreMachine(RuleBasedStateMachine):
     def schedule(self) -> Any:
         waiting_before = list(self.core.queued())
         grants = self.core.schedule(self.now)
-        self._check_fcfs(waiting_before, [g.action for g in grants])
+        self._check_order(waiting_before, [g.action for g in grants])
         return st.just(None) if not grants else grants[0].lease.id
 
     @rule(lease_id=consumes(leases), tokens=st.sampled_from([None, 0, 30, 400]))
@@ -184,16 +192,30 @@ class CoreMachine(RuleBasedStateMachine):
         self._check_all_free()
 
     # ------------------------------------------------------------------ checks
-    def _check_fcfs(self, waiting_before: list[Action], granted: list[Action]) -> None:
+    @staticmethod
+    def _expected(a: Action) -> float:
+        """``tangram``'s expected duration: every action here declares its own; those on
+        the pool of GPU services (which the paper's scheduler arranges) keep FCFS."""
+        assert a.duration is not None
+        return 0.0 if "gpu" in a.demands else a.duration
+
+    def _rank(self, a: Action) -> tuple[float, ...]:
+        """Where ``a`` comes in this round's order."""
+        overdue = self.core.policy.overdue
+        if overdue <= 0.0 or self.now - a.submitted_at >= overdue:
+            return (0.0, a.seq)
+        return (1.0, self._expected(a), a.seq)
+
+    def _check_order(self, waiting_before: list[Action], granted: list[Action]) -> None:
         granted_ids = {a.id for a in granted}
         still = [a for a in waiting_before if a.id not in granted_ids]
         for b in granted:
             for a in still:
-                if a.seq > b.seq:
+                if self._rank(a) > self._rank(b):
                     continue
                 for pool in set(a.demands) & set(b.demands):
                     assert not self._compete(pool, a, b), (
-                        f"{b.id} was granted on {pool} ahead of earlier {a.id}"
+                        f"{b.id} was granted on {pool} ahead of {a.id}, before it in order"
                     )
 
     def _compete(self, pool: str, a: Action, b: Action) -> bool:
@@ -215,6 +237,19 @@ class CoreMachine(RuleBasedStateMachine):
             # see from here: judge only pinned pairs on this pool.
             return False
         return pin_a[0] == lease_b.allocation[pool].node
+
+    @invariant()
+    def the_shortest_first_index_is_the_queue_sorted(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        index = self.core._shortest
+        if index is None:
+            assert self.core.policy.overdue == 0.0
+            return
+        assert index == sorted(index)
+        assert [item[2] for item in index] == [
+            a.id for a in sorted(self.core.queued(), key=lambda a: (self._expected(a), a.seq))
+        ]
 
     @invariant()
     def units_are_held_once_and_within_capacity(self) -> None:

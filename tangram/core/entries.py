@@ -23,6 +23,9 @@ class Entry:
     wait: Waiting | None = None  # how the estimate sees it while it waits
     weight: float = 1.0  # how much its time counts against others' (``tangram``)
     throttled_on: tuple[str, ...] = ()  # pools whose time-based limit held it back
+    # Its place among the queued actions that are not overdue, when the policy orders
+    # them shortest first (``Policy.overdue`` > 0): (expected duration, seq, id).
+    order: tuple[float, int, str] | None = None
 
 
 @dataclass(slots=True)

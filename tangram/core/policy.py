@@ -55,9 +55,11 @@ def _paper(arg: str) -> Policy:
 
 def _tangram(arg: str) -> Policy:
     usage = (
-        "tangram takes share=F (0 < F <= 1), price=F, boost=F, wait=F (each >= 0) and long=F (>= 1)"
+        "tangram takes share=F (0 < F <= 1), price=F, boost=F, wait=F (each >= 0), long=F"
+        " (>= 1) and overdue=F (seconds, finite, >= 0; 0: FCFS)"
     )
-    opts = _options(arg, dict.fromkeys(("share", "price", "boost", "long", "wait"), float), usage)
+    keys = ("share", "price", "boost", "long", "wait", "overdue")
+    opts = _options(arg, dict.fromkeys(keys, float), usage)
     try:
         return Tangram(**opts)
     except ValueError:
@@ -74,8 +76,8 @@ POLICIES: dict[str, Callable[[str], Policy]] = {
 
 
 def parse_policy(text: str) -> Policy:
-    """Parse ``tangram[:share=F,price=F,boost=F,long=F,wait=F]``, ``paper[:depth=N,lookahead=N]``,
-    ``min`` or ``fixed:K``."""
+    """Parse ``tangram[:share=F,price=F,boost=F,long=F,wait=F,overdue=F]``,
+    ``paper[:depth=N,lookahead=N]``, ``min`` or ``fixed:K``."""
     name, _, arg = text.strip().partition(":")
     factory = POLICIES.get(name)
     if factory is None:

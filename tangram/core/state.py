@@ -11,6 +11,7 @@ same code.
 from __future__ import annotations
 
 import base64
+import bisect
 import itertools
 import math
 import os
@@ -107,7 +108,7 @@ class _Round:
 
     scratches: dict[str, Scratch] = field(default_factory=dict)
     admitted: list[Admitted] = field(default_factory=list)
-    waiting: list[Entry] = field(default_factory=list)  # in FCFS order
+    waiting: list[Entry] = field(default_factory=list)  # in the walk's order
     saturated: set[str] = field(default_factory=set)
     firsts: list[tuple[str, Entry]] = field(default_factory=list)  # first waiter per pool
 
@@ -146,10 +147,17 @@ class Core:
         self._cost_clock = cost_clock
         self._prefix = id_prefix
         self._ids = ids or random_ids()
-        self._queue: dict[str, Entry] = {}
+        self._queue: dict[str, Entry] = {}  # in FCFS order
         self._queued_pools: Counter[str] = Counter()
         # A policy of this core's own (the elastic ones keep an index of their leases).
         self.policy = (policy or Tangram()).bind(self.pools, self._queued_pools)
+        # When the policy orders the queue (``overdue`` > 0): every queued action as
+        # its ``Entry.order`` (expected duration, seq, id) and the entry, kept sorted as
+        # actions come and go, so a round walks the shortest first without sorting the
+        # queue. (seq and id are unique: a comparison never reaches the entry.)
+        self._shortest: list[tuple[float, int, str, Entry]] | None = (
+            [] if self.policy.overdue > 0.0 else None
+        )
         # Queued actions per (pool, tenant): a full pool still takes a tenant below its
         # fair share, so one tenant cannot lock the others out.
         self._queued_tenants: Counter[tuple[str, str | None]] = Counter()
@@ -226,8 +234,12 @@ class Core:
         if not action.id:
             action.id = self._prefix + self._ids("a")
         entry = Entry(action, feasible)
-        self.policy.prepare(entry)
+        policy = self.policy
+        policy.prepare(entry)
         self._queue[action.id] = entry
+        if self._shortest is not None:
+            entry.order = order = (policy.expected(entry), action.seq, action.id)
+            bisect.insort(self._shortest, (*order, entry))
         tenant = action.tenant
         self._queued_by_tenant[tenant] += 1
         queued, tenants = self._queued_pools, self._queued_tenants
@@ -284,6 +296,10 @@ class Core:
     def _dequeue(self, entry: Entry) -> None:
         action = entry.action
         del self._queue[action.id]
+        shortest = self._shortest
+        if shortest is not None and entry.order is not None:
+            # The 3-tuple sorts just before its own 4-tuple: bisect lands on it.
+            del shortest[bisect.bisect_left(shortest, entry.order)]
         queued = self._queued_pools
         tenants = self._queued_tenants
         tenant = action.tenant
@@ -702,16 +718,42 @@ class Core:
             o.on_round(cost, len(rnd.admitted), len(deferred))
         return grants
 
+    def _walk(self, now: float) -> Iterator[Entry]:
+        """The queue in the order a round considers it: FCFS, or, when the policy orders
+        it, the overdue actions (queued ``overdue`` seconds or longer: a FCFS prefix of
+        the queue) in FCFS order, then the others by expected duration, shortest first.
+        Lazy: a round that saturates every pool early reads only the head."""
+        shortest = self._shortest
+        if shortest is None:
+            yield from self._queue.values()
+            return
+        cutoff = now - self.policy.overdue
+        queue = self._queue
+        walked: set[str] = set()
+        for entry in queue.values():
+            if entry.action.submitted_at > cutoff:
+                break
+            walked.add(entry.action.id)
+            yield entry
+        if not walked:
+            for item in shortest:
+                yield item[3]
+        elif len(walked) < len(queue):
+            for item in shortest:
+                if item[2] not in walked:
+                    yield item[3]
+
     def _admit(self, rnd: _Round, now: float) -> None:
-        """Walk the queue in FCFS order admitting every action whose minimum fits, unless
-        an earlier waiter competes for the same units. Stops when every pool in demand is
-        saturated (after ``lookahead`` more waiters when the estimate will need them)."""
+        """Walk the queue (``_walk``) admitting every action whose minimum fits, unless a
+        waiter met earlier in the walk competes for the same units. Stops when every pool
+        in demand is saturated (after ``lookahead`` more waiters when the estimate will
+        need them)."""
         policy = self.policy
         scratches = rnd.scratches
         active = sum(1 for n in self._queued_pools.values() if n > 0)
         look = policy.lookahead
         elastic = False  # whether any admitted action lets the DP trade units for time
-        for entry in self._queue.values():
+        for entry in self._walk(now):
             if len(rnd.saturated) == active:
                 if look <= 0 or not elastic:
                     break

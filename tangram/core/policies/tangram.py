@@ -23,11 +23,17 @@ of parallelism beats it (docs/benchmarks.md). This policy gives units a price in
   chunks) is respected and no unit goes where it is worth less than its price.
 - **Profiles.** An action that declares no duration is given the mean its task took on
   that pool (learned from ended leases, in the broker and the simulator alike).
+- **Order.** Bounded shortest-first: a round walks the actions queued ``overdue``
+  seconds or longer first, in FCFS order, then the others by expected duration (declared,
+  else the mean of their kind, ``expected``), shortest first; actions on pools of GPU
+  services keep FCFS among themselves (their pools are the paper's). The core keeps them
+  sorted as they come and go (tangram.core.state), so a round sorts nothing; an
+  action waits behind shorter ones at most ``overdue`` seconds, then by FCFS.
 
 No waiting-queue estimate and no eviction loop: the price stands for the queue, so a
 round costs one DP per busy partition. Every constant is a setting
-(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5``); docs/scheduling.md says
-how they were chosen and what was tried.
+(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5,overdue=5``); docs/scheduling.md
+says how they were chosen and what was tried.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ class Tangram(Policy):
     """``share``: part of its target an elastic action waits for; ``price``: the price of
     a unit-second at load one half is ``2 * price``; ``boost``: how much more long actions
     weigh; ``long``: the weight beyond which an action waits for more of its target, and
-    ``wait`` how much more."""
+    ``wait`` how much more; ``overdue``: seconds after which a queued action is walked
+    in FCFS order, before the others, which are walked shortest first (0: FCFS)."""
 
     name = "tangram"
 
@@ -69,16 +76,21 @@ class Tangram(Policy):
         boost: float = 1.0,
         long: float = 20.0,
         wait: float = 0.5,
+        overdue: float = 5.0,
     ) -> None:
         if not 0.0 < share <= 1.0:
             raise ValueError("tangram: share must be in (0, 1]")
         if min(price, boost, wait) < 0.0 or long < 1.0:
             raise ValueError("tangram: price, boost and wait must be >= 0, long >= 1")
+        if not 0.0 <= overdue < math.inf:
+            # No bound would let a stream of short actions starve a long one.
+            raise ValueError("tangram: overdue must be finite and >= 0 (0: FCFS)")
         self.share = share
         self.price = price
         self.boost = boost
         self.long = long
         self.wait = wait
+        self.overdue = overdue
         self.pools: Mapping[str, Manager] = {}
         self.queued: Mapping[str, int] = {}
         self.capacity: dict[str, int] = {}
@@ -88,6 +100,9 @@ class Tangram(Policy):
         # (task, key pool, min, max) -> (runs, mean duration at the minimum) of elastic
         # actions that declared none
         self.profiles: dict[tuple[str, str, int, int], tuple[int, float]] = {}
+        # (task, (pool, min, max) per demand) -> (runs, mean seconds held) of the other
+        # actions that declared none: their expected duration, for the order
+        self.means: dict[tuple[str, tuple[tuple[str, int, int], ...]], tuple[int, float]] = {}
         # The paper's scheduler, for the pools whose actions restore services (GPUs).
         self.paper: Paper | None = None
         self._arrays: dict[tuple[int, ...], np.ndarray] = {}
@@ -99,6 +114,7 @@ class Tangram(Policy):
             "boost": self.boost,
             "long": self.long,
             "wait": self.wait,
+            "overdue": self.overdue,
         }
 
     def bind(self, pools: Mapping[str, Manager], queued: Mapping[str, int]) -> Tangram:
@@ -148,6 +164,25 @@ class Tangram(Policy):
     # ------------------------------------------------------------------ hooks
     def _delegated(self, pool: str | None) -> bool:
         return self.paper is not None and self.paper.scope is not None and pool in self.paper.scope
+
+    def expected(self, entry: Entry) -> float:
+        """Declared duration (at the minimum, for an elastic action), else the mean its
+        kind was seen to take; 0 for a kind not seen yet (it goes first, and is
+        measured soon), and for an action on a pool of GPU services."""
+        a = entry.action
+        if self.paper is not None and any(self._delegated(p) for p in a.demands):
+            # Pools of GPU services keep FCFS among their actions (the paper's scheduler
+            # arranges them, its queue estimate in that order): 0 walks them first of the
+            # actions not overdue, in FCFS order.
+            return 0.0
+        if a.duration is not None:
+            return a.duration
+        pool = a.key
+        if pool is not None and a.efficiency is not None and a.demands[pool].elastic:
+            prof = self.profiles.get(_profile_key(a, pool))
+        else:
+            prof = self.means.get(_kind(a))
+        return prof[1] if prof is not None else 0.0
 
     def prepare(self, entry: Entry) -> None:
         a = entry.action
@@ -254,11 +289,19 @@ class Tangram(Policy):
         if self.paper is not None:
             self.paper.on_end(lease)
         a = lease.action
+        if a.duration is not None or lease.ended_at is None or lease.outcome != "ok":
+            return
         pool = a.key
-        if a.duration is not None or pool is None or a.efficiency is None:
+        if pool is None or a.efficiency is None or not a.demands[pool].elastic:
+            # Not elastic: what it held is its kind's expected duration (the order).
+            if self.overdue > 0.0:
+                kind = _kind(a)
+                n, mean = self.means.get(kind, (0, 0.0))
+                took = lease.ended_at - lease.granted_at
+                self.means[kind] = (n + 1, mean + (took - mean) / (n + 1))
             return
         alloc = lease.allocation.get(pool)
-        if alloc is None or lease.ended_at is None or lease.outcome != "ok":
+        if alloc is None:
             return
         # An elastic action that declared no duration: what it took is its task's profile
         # on its key pool, back to the duration at the minimum by its efficiency curve.
@@ -275,6 +318,10 @@ class Tangram(Policy):
 def _elastic_on(entry: Entry, pool: str) -> bool:
     """Whether the policy may trade units of ``pool`` for the action's time."""
     return entry.durations is not None and entry.action.key == pool
+
+
+def _kind(a: Action) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    return (a.task, tuple((p, d.min, d.max) for p, d in a.demands.items()))
 
 
 def _profile_key(a: Action, pool: str) -> tuple[str, str, int, int]:
