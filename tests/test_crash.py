@@ -27,7 +27,9 @@ def test_no_unit_held_twice_and_no_id_reused_across_ten_kills(tmp_path: Path) ->
     print(out)
     assert out["kills"] == 10
     assert out["held_at_kills"] > 0, "no lease was held at any kill: the test proved nothing"
-    assert out["grants"] > 100
+    # Leases really cycled between the kills. Not a rate: on a loaded 2-core machine a
+    # restart takes seconds and CI saw 67 grants in one run (186 when idle).
+    assert out["grants"] >= 3 * out["kills"], out
     assert out["held_leases_lost"] == 0, out
     assert out["double_held"] == 0, out
     assert out["ids_reused"] == 0, out
