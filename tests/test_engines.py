@@ -7,13 +7,21 @@ GPU and no model weights to run vLLM or SGLang. The emulator answers their sleep
 health and OpenAI routes, reports the GPUs it was given (``CUDA_VISIBLE_DEVICES``) and
 its tensor parallelism, and, with ``TANGRAM_EMULATOR_GPU_DIR``, accounts "GPU memory"
 in a shared directory so that two awake engines on one GPU over-commit and the second
-fails to start or wake ("CUDA out of memory"), as a real one would.
+fails to start or wake ("CUDA out of memory"), as a real one would. Each engine runs
+under its guard (tangram/executors/engine_guard.py), which ends it if the executor dies:
+tested by killing real executor processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +44,7 @@ from tangram.executors import (
     StaleLease,
     VllmEngine,
 )
-from tangram.executors.engines import Instance
+from tangram.executors.engines import GUARD, HttpInstance, Instance
 from tangram.spec import Allocation, Resident
 from tangram.testing.engine import GPU_DIR_ENV
 
@@ -165,6 +173,149 @@ def test_an_engine_out_of_gpu_memory_at_start_dies_with_the_reason(gpu_dir: Path
         first.stop()
 
 
+# ---------------------------------------------------------------- the guard
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: it may wait for a reaper that never
+    comes, in a container whose init does not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def listening(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def gone(pid: int, url: str | None = None, within: float = 10.0) -> float:
+    """Poll until ``pid`` has exited (and nothing listens on ``url``); the seconds it took."""
+    t0 = time.monotonic()
+    while alive(pid) or (url is not None and listening(url)):
+        assert time.monotonic() - t0 < within, f"process {pid} still runs after {within:g}s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+EXECUTOR = textwrap.dedent(
+    """
+    import json, sys, time
+    import httpx
+    from tangram.executors import VllmEngine
+
+    inst = VllmEngine(model="m", command=json.loads(sys.argv[1]), startup_timeout=60).launch([0])
+    pid = httpx.get(inst.url + "/info").json()["pid"]
+    print(json.dumps({"url": inst.url, "pid": pid, "guard": inst.proc.pid}), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_an_engine_ends_when_its_executor_is_killed():
+    executor = subprocess.Popen(
+        [sys.executable, "-c", EXECUTOR, json.dumps(emulator())], stdout=subprocess.PIPE, text=True
+    )
+    assert executor.stdout is not None
+    started: dict[str, Any] = {}
+    try:
+        started = json.loads(executor.stdout.readline())
+        assert httpx.get(started["url"] + "/health").status_code == 200
+        executor.kill()  # SIGKILL: nothing of the executor runs to stop its engines
+        executor.wait(10)
+        gone(started["pid"], started["url"])
+        gone(started["guard"])
+    finally:
+        executor.kill()
+        executor.wait()
+        if started:  # what a failure left: the engine's group, led by guard or engine
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started["guard"], signal.SIGKILL)
+
+
+HANG_ON = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+
+    cmd = [sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, "
+           "signal.SIG_IGN); print('engine', os.getpid(), flush=True); time.sleep(600)"]
+    guard = subprocess.Popen([*sys.argv[1:], str(os.getpid()), "--grace", "1", "--", *cmd],
+                             start_new_session=True)
+    print("guard", guard.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_an_engine_deaf_to_sigterm_is_killed_after_the_grace_period():
+    executor = subprocess.Popen(
+        [sys.executable, "-c", HANG_ON, *GUARD], stdout=subprocess.PIPE, text=True
+    )
+    assert executor.stdout is not None
+    pids: dict[str, int] = {}
+    try:
+        for _ in range(2):  # the engine (which ignores SIGTERM by then) and the guard
+            name, pid = executor.stdout.readline().split()
+            pids[name] = int(pid)
+        executor.kill()
+        executor.wait(10)
+        took = gone(pids["engine"])
+        assert 0.8 <= took < 6, took  # SIGTERM ignored, SIGKILL after the 1 s grace
+        gone(pids["guard"])
+    finally:
+        executor.kill()
+        executor.wait()
+        if "guard" in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pids["guard"], signal.SIGKILL)
+
+
+async def test_stop_ends_guard_and_engine_together():
+    inst = vllm().launch([0])
+    assert isinstance(inst, HttpInstance)
+    engine = info(inst)["pid"]
+    try:
+        assert os.getpgid(engine) == inst.proc.pid != engine  # the guard leads the group
+    finally:
+        inst.stop()
+    assert inst.proc.returncode is not None
+    assert not alive(engine) and not listening(inst.url)  # ended before stop() returned
+    assert not await inst.health()
+
+
+def test_a_killed_guard_takes_its_engine_along():
+    inst = vllm().launch([0])
+    try:
+        engine = info(inst)["pid"]
+        inst.proc.kill()
+        gone(engine, inst.url)
+    finally:
+        inst.stop()
+
+
+def test_the_guard_exits_as_its_engine_did():
+    inst = vllm().launch([0])
+    try:
+        os.kill(info(inst)["pid"], signal.SIGKILL)
+        assert inst.proc.wait(10) == -signal.SIGKILL  # killed by the same signal
+    finally:
+        inst.stop()
+
+
+def test_a_guard_whose_executor_is_gone_starts_nothing(tmp_path: Path):
+    marker = tmp_path / "started"
+    touch = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    # Pid 1 is not this guard's parent: its executor is taken for dead already.
+    assert subprocess.run([*GUARD, "1", "--", *touch], timeout=30).returncode == 1
+    assert not marker.exists()
+    assert subprocess.run([*GUARD, str(os.getpid()), "--", *touch], timeout=30).returncode == 0
+    assert marker.exists()
+
+
 # ---------------------------------------------------------------- driven by the host
 async def test_evictions_sleep_before_the_granted_engine_wakes(gpu_dir, hosts):
     a = ServiceSpec("a", engine=vllm("--memory-gb", "60"))
@@ -237,7 +388,7 @@ async def test_a_dead_instance_is_reported_and_replaced_at_the_next_call(hosts):
     h = host(hosts, ServiceSpec("rm", engine=vllm()))
     first = await h.run("rm", [0], [], prompt())
     await h.run("rm", [1], [Resident("rm", 1, "g0", 0)], prompt())
-    h.instances[("rm", 1, 0)].proc.kill()  # type: ignore[attr-defined]  # it dies asleep
+    os.kill(info(h.instances[("rm", 1, 0)])["pid"], signal.SIGKILL)  # it dies asleep
     with pytest.raises(EngineError, match=r"POST .*/wake_up: .*exit code -9"):
         await h.run("rm", [0], [], prompt())
     assert ("rm", 1, 0) not in h.instances

@@ -15,7 +15,8 @@ HTTP engines run a command template (placeholders ``{model}``, ``{tp}``, ``{port
 ``{host}``, ``{gpus}``) with ``CUDA_VISIBLE_DEVICES`` set to every GPU of the chunk and
 the tensor parallelism equal to the chunk's size. ``launch`` waits until ``/health``
 answers 200; an engine that exits first, or is not healthy in time, raises
-``EngineError`` with the last lines of its stderr.
+``EngineError`` with the last lines of its stderr. Each engine runs under a guard
+(tangram/executors/engine_guard.py) that stops it if the executor dies.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
 STDERR_LINES = 20  # how much of a dead engine's stderr an error quotes
+# The guard between executor and engine, run as a file: it needs only the standard
+# library, and -I -S keep its start (one per engine) free of site packages.
+GUARD = [sys.executable, "-I", "-S", str(Path(__file__).with_name("engine_guard.py"))]
 
 
 class EngineError(RuntimeError):
@@ -86,7 +91,10 @@ def tail(path: str, lines: int = STDERR_LINES) -> str:
 # ---------------------------------------------------------------- HTTP engines
 @dataclass(eq=False)
 class HttpInstance:
-    """An engine process serving HTTP on ``url``, pinned to ``gpus``."""
+    """An engine process serving HTTP on ``url``, pinned to ``gpus``.
+
+    ``proc`` is the engine's guard, the leader of its process group: it exits when and
+    as the engine does (its code, or killed by the same signal)."""
 
     url: str
     gpus: tuple[int, ...]
@@ -148,6 +156,14 @@ class HttpInstance:
             return ""
         return f"; exit code {code}, last stderr lines:\n{tail(self.log_path)}"
 
+    async def _died_soon(self, within: float = 1.0) -> str:
+        """``died()``, giving the guard ``within`` seconds to follow an engine that may
+        have just died (it exits a moment after the engine)."""
+        deadline = time.monotonic() + within
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.died()
+
     async def _request(
         self, method: str, path: str, *, check: bool = True, **kw: Any
     ) -> httpx.Response:
@@ -157,7 +173,9 @@ class HttpInstance:
             async with httpx.AsyncClient(timeout=self.request_timeout) as client:
                 r = await client.request(method, self.url + path, **kw)
         except httpx.HTTPError as exc:
-            raise EngineError(f"{method} {self.url}{path}: {exc!r}{self.died()}") from exc
+            # Refused or cut off: the engine may have just died.
+            died = await self._died_soon()
+            raise EngineError(f"{method} {self.url}{path}: {exc!r}{died}") from exc
         if check and r.status_code >= 400:
             raise EngineError(
                 f"{method} {self.url}{path}: HTTP {r.status_code}: {r.text[:500]}{self.died()}"
@@ -243,9 +261,10 @@ class HttpEngine:
         }
         fd, log_path = tempfile.mkstemp(prefix="tangram-engine-", suffix=".stderr")
         try:
-            # A session of its own: stop() ends the engine's workers (one per GPU) too.
+            # A session of its own: stop() ends the engine's workers (one per GPU) too. The
+            # guard leads it and ends it all if this process dies.
             proc = subprocess.Popen(
-                argv,
+                [*GUARD, str(os.getpid()), "--", *argv],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -254,7 +273,7 @@ class HttpEngine:
             )
         except OSError as exc:
             os.unlink(log_path)
-            raise EngineError(f"cannot start {argv[0]!r}: {exc}") from exc
+            raise EngineError(f"cannot start the guard of {argv[0]!r}: {exc}") from exc
         finally:
             os.close(fd)
         inst = self.instance_type(
