@@ -80,7 +80,7 @@ def test_parse_policy_reads_paper_options():
 
 
 def test_parse_policy_reads_tangram_options():
-    p = parse_policy("tangram:share=0.5,price=0.3,boost=0,long=8,wait=1,overdue=0")
+    p = parse_policy("tangram:share=0.5,price=0.3,boost=0,long=8,wait=1,overdue=0,grain=2")
     assert isinstance(p, Tangram)
     assert p.name == "tangram"
     assert p.settings() == {
@@ -90,6 +90,7 @@ def test_parse_policy_reads_tangram_options():
         "long": 8.0,
         "wait": 1.0,
         "overdue": 0.0,
+        "grain": 2.0,
     }
     d = parse_policy("tangram")
     assert isinstance(d, Tangram)
@@ -101,6 +102,7 @@ def test_parse_policy_reads_tangram_options():
         "long": 20.0,
         "wait": 0.5,
         "overdue": 5.0,
+        "grain": 4.0,
     }
 
 
@@ -124,6 +126,8 @@ def test_parse_policy_reads_tangram_options():
         ("tangram:boost=x", "price=F, boost=F, wait=F (each >= 0)"),
         ("tangram:overdue=-1", "overdue=F (seconds, finite, >= 0; 0: FCFS)"),
         ("tangram:overdue=inf", "overdue=F (seconds, finite, >= 0; 0: FCFS)"),
+        ("tangram:grain=0.5", "grain=F (finite, >= 1)"),
+        ("tangram:grain=inf", "grain=F (finite, >= 1)"),
         ("tangram:long=0.5", "long=F (>= 1)"),
     ],
 )

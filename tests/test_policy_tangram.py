@@ -261,9 +261,20 @@ def test_shortest_first_until_overdue_then_fcfs(make_core):
     # t=7: b (6 s) and c (5 s) are both overdue: FCFS, b before the shorter c.
     # t=8: c (6 s) is overdue, e (0 s) is not: c first, whatever e's duration.
     # t=9: e.
-    assert one_core_trace(make_core, "tangram:overdue=5") == ["d", "a", "b", "c", "e"]
+    assert one_core_trace(make_core, "tangram:overdue=5,grain=1") == ["d", "a", "b", "c", "e"]
     # Without the bound's effect (nothing overdue within the trace): shortest first.
-    assert one_core_trace(make_core, "tangram:overdue=100") == ["d", "c", "b", "e", "a"]
+    assert one_core_trace(make_core, "tangram:overdue=100,grain=1") == ["d", "c", "b", "e", "a"]
+
+
+def test_durations_in_one_class_keep_fcfs(make_core):
+    # grain 4: a (8 s) and b (4 s) share the class [4, 16), c (2 s) and d (1 s) the
+    # class [1, 4), e (0.5 s) is in [0.25, 1). The default grain is 4.
+    # overdue 5: t=4: the shorter class first, c before d (FCFS within it); t=5.5: a
+    # overdue; t=7: b overdue; t=8: d overdue (queued at 3), before the shorter e.
+    assert one_core_trace(make_core, "tangram:overdue=5") == ["c", "a", "b", "d", "e"]
+    # Nothing overdue: c, d (FCFS in their class), a before b (in theirs) at t=7, then
+    # e, which arrives at t=8 in the shortest class, before b.
+    assert one_core_trace(make_core, "tangram:overdue=100,grain=4") == ["c", "d", "a", "e", "b"]
 
 
 @pytest.mark.parametrize("policy", ["tangram:overdue=0", "min", "fixed:4", "paper"])
@@ -292,7 +303,7 @@ def test_a_blocked_waiter_holds_back_those_after_it_in_the_walk(make_core):
 def test_an_undeclared_duration_is_its_kinds_observed_mean(make_core):
     # Nothing declares a duration. A kind never seen is expected to take 0 s (it goes
     # first and is measured); once seen, its mean held time orders it.
-    core = make_core(cpu(1), policy="tangram:overdue=5", lease_ttl=1e9)
+    core = make_core(cpu(1), policy="tangram:overdue=5,grain=1", lease_ttl=1e9)
     pol = core.policy
     assert isinstance(pol, Tangram)
     now = 0.0

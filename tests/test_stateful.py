@@ -7,14 +7,16 @@ against the core, checking after every step that:
   order and competes for the same units (the same quota or GPU pool, or the same CPU
   node). The order is FCFS, or with ``tangram``'s bounded shortest-first the actions
   queued ``overdue`` seconds or longer in FCFS order, then the others by declared
-  duration, those on the pool of GPU services (the paper's) first and in FCFS order
-  (worked out here from that rule, not read from the core);
+  duration (in classes a factor ``grain`` apart, FCFS within a class), those on the
+  pool of GPU services (the paper's) first and in FCFS order (worked out here from
+  that rule, not read from the core);
 - when everything ends (leases released, queue cancelled, trajectories closed) every
   unit, slot and gigabyte is back.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -106,7 +108,8 @@ class CoreMachine(RuleBasedStateMachine):
 
     @initialize(
         policy=st.sampled_from(
-            ["tangram", "tangram:overdue=1", "tangram:overdue=0", "paper", "min", "fixed:2"]
+            ["tangram", "tangram:overdue=1", "tangram:overdue=1,grain=1", "tangram:overdue=0",
+             "paper", "min", "fixed:2"]
         )
     )
     def setup(self, policy: str) -> None:
@@ -192,12 +195,17 @@ class CoreMachine(RuleBasedStateMachine):
         self._check_all_free()
 
     # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _expected(a: Action) -> float:
+    def _expected(self, a: Action) -> float:
         """``tangram``'s expected duration: every action here declares its own; those on
-        the pool of GPU services (which the paper's scheduler arranges) keep FCFS."""
+        the pool of GPU services (which the paper's scheduler arranges) keep FCFS; others
+        in classes: the largest power of ``grain`` not above the duration."""
         assert a.duration is not None
-        return 0.0 if "gpu" in a.demands else a.duration
+        if "gpu" in a.demands or a.duration <= 0.0:
+            return 0.0
+        grain = self.core.policy.grain  # type: ignore[attr-defined]
+        if grain == 1.0:
+            return a.duration
+        return float(grain ** math.floor(math.log(a.duration) / math.log(grain) + 1e-9))
 
     def _rank(self, a: Action) -> tuple[float, ...]:
         """Where ``a`` comes in this round's order."""

@@ -51,7 +51,7 @@ def test_cpu_pinned_action_names_its_node_free_cores_and_those_ahead(make_core):
     assert why["pool"] == "cpu" and why["reason"] == "insufficient_units"
     assert (why["node"], why["needs"], why["free"], why["ahead"]) == (node, 8, 3, 1)
     assert f"node {node} has 3 of the 8 cores it needs free" in why["message"]
-    assert "1 earlier action wait on that node" in why["message"]
+    assert "1 action ahead of it wait on that node" in why["message"]
     first = core.why_waiting(ahead.id, 1.0)
     assert first is not None and first["ahead"] == 0 and first["free"] == 3
 
@@ -67,6 +67,26 @@ def test_cpu_behind_an_earlier_waiter_on_its_node(make_core):
     assert why is not None and why["reason"] == "behind_earlier_action"
     assert why["pool"] == "cpu" and why["ahead"] == 1
     assert core.why_waiting(big.id, 1.0)["reason"] == "insufficient_units"  # type: ignore[index]
+
+
+def test_ahead_follows_the_walk_of_tangrams_order(make_core):
+    # Under tangram a shorter action queued later is walked first, until the longer one
+    # is overdue: ``ahead`` counts what the round walks before, not what came earlier.
+    core = make_core(cpu_pool(("n", 4, 64)), policy="tangram:overdue=5,grain=1")
+    core.submit(Action.build("t1", {"cpu": 4}, duration=100.0), 0.0)
+    core.schedule(0.0)
+    long = core.submit(Action.build("t2", {"cpu": 1}, duration=50.0), 1.0)
+    short = core.submit(Action.build("t3", {"cpu": 1}, duration=1.0), 2.0)
+    assert core.schedule(2.0) == []
+    why_long = core.why_waiting(long.id, 2.0)
+    why_short = core.why_waiting(short.id, 2.0)
+    assert why_long is not None and why_short is not None
+    assert (why_long["ahead"], why_short["ahead"]) == (1, 0)
+    assert "1 action ahead of it wait on that node" in why_long["message"]
+    # At t=6 the long one is overdue (queued 5 s): it is walked first again.
+    why_long, why_short = core.why_waiting(long.id, 6.0), core.why_waiting(short.id, 6.0)
+    assert why_long is not None and why_short is not None
+    assert (why_long["ahead"], why_short["ahead"]) == (0, 1)
 
 
 def test_cpu_new_trajectory_without_memory_anywhere(make_core):

@@ -408,12 +408,14 @@ class Core:
         """Why a queued action is not granted, from the state now (None if it is not
         queued): which pool holds it and why, in words (``message``) and as fields
         (``pool``, ``reason``, and what the pool's manager adds: ``node``, ``needs``,
-        ``free``, ``limit``, ``ready_at``; ``ahead``: earlier waiters competing for the
-        same units). Read only: it reserves nothing and changes no decision. Reasons:
-        ``held_after_restart`` (``hold_until``), a manager's (``insufficient_units``,
-        ``rate_limited``, ``memory``, ...), ``behind_earlier_action`` (its units are free
-        but earlier waiters come first, FCFS), ``next_round`` (nothing holds it now: the
-        next round admits it, unless the arrangement defers it)."""
+        ``free``, ``limit``, ``ready_at``; ``ahead``: waiters a round walks before it,
+        competing for the same units). Read only: it reserves nothing and changes no
+        decision. Reasons: ``held_after_restart`` (``hold_until``), a manager's
+        (``insufficient_units``, ``rate_limited``, ``memory``, ...),
+        ``behind_earlier_action`` (its units are free but waiters walked before it come
+        first: FCFS, or under ``tangram`` overdue and shorter ones), ``next_round``
+        (nothing holds it now: the next round admits it, unless the arrangement defers
+        it)."""
         entry = self._queue.get(action_id)
         if entry is None:
             return None
@@ -426,7 +428,7 @@ class Core:
                 "ready_at": self.hold_until,
             }
         action = entry.action
-        ahead = self._ahead(entry)
+        ahead = self._ahead(entry, now)
         first: dict[str, Any] | None = None
         for p in action.demands:
             mgr = self.pools[p]
@@ -438,11 +440,12 @@ class Core:
             out = {"pool": p, **why, "ahead": n}
             if n:
                 where = " on that node" if "node" in why else ""
-                out["message"] += f"; {n} earlier action{'s' if n != 1 else ''} wait{where}"
+                out["message"] += f"; {n} action{'s' if n != 1 else ''} ahead of it wait{where}"
             if first is None:
                 first = out
         if first is not None:
             return first
+        order = "FCFS" if self._shortest is None else "overdue, then shortest first"
         for p in action.demands:
             mgr = self.pools[p]
             n = self._competing(mgr, ahead.get(p, ()), mgr.pin_of(action.trajectory))
@@ -451,7 +454,7 @@ class Core:
                     "pool": p,
                     "reason": "behind_earlier_action",
                     "message": f"pool {p!r} has the {mgr.unit} it needs free, but "
-                    f"{n} earlier action{'s' if n != 1 else ''} waiting for it come first (FCFS)",
+                    f"{n} action{'s' if n != 1 else ''} waiting for it come first ({order})",
                     "ahead": n,
                 }
         return {
@@ -460,11 +463,12 @@ class Core:
             "scheduling round admits it, unless the arrangement defers it",
         }
 
-    def _ahead(self, entry: Entry) -> dict[str, list[Action]]:
-        """The queued actions before ``entry`` (FCFS) per pool it demands."""
+    def _ahead(self, entry: Entry, now: float) -> dict[str, list[Action]]:
+        """The queued actions a round walks before ``entry`` (``_walk``: FCFS, or overdue
+        first and then the shortest) per pool it demands."""
         mine = entry.action.demands
         out: dict[str, list[Action]] = {}
-        for other in self._queue.values():
+        for other in self._walk(now):
             if other is entry:
                 break
             for p in other.action.demands:

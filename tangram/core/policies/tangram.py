@@ -26,14 +26,17 @@ of parallelism beats it (docs/benchmarks.md). This policy gives units a price in
 - **Order.** Bounded shortest-first: a round walks the actions queued ``overdue``
   seconds or longer first, in FCFS order, then the others by expected duration (declared,
   else the mean of their kind, ``expected``), shortest first; actions on pools of GPU
-  services keep FCFS among themselves (their pools are the paper's). The core keeps them
-  sorted as they come and go (tangram.core.state), so a round sorts nothing; an
+  services keep FCFS among themselves (their pools are the paper's). Durations are
+  compared in classes a factor ``grain`` apart (FCFS within a class): what shortest-first
+  gains comes from passing actions many times longer, while reordering near-equals only
+  shuffles who waits, and delayed the step's longest chain of tool calls. The core keeps
+  them sorted as they come and go (tangram.core.state), so a round sorts nothing; an
   action waits behind shorter ones at most ``overdue`` seconds, then by FCFS.
 
 No waiting-queue estimate and no eviction loop: the price stands for the queue, so a
 round costs one DP per busy partition. Every constant is a setting
-(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5,overdue=5``); docs/scheduling.md
-says how they were chosen and what was tried.
+(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5,overdue=5,grain=4``);
+docs/scheduling.md says how they were chosen and what was tried.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class Tangram(Policy):
     a unit-second at load one half is ``2 * price``; ``boost``: how much more long actions
     weigh; ``long``: the weight beyond which an action waits for more of its target, and
     ``wait`` how much more; ``overdue``: seconds after which a queued action is walked
-    in FCFS order, before the others, which are walked shortest first (0: FCFS)."""
+    in FCFS order, before the others, which are walked shortest first (0: FCFS);
+    ``grain``: the factor between classes of expected duration in that walk (1: exact
+    durations)."""
 
     name = "tangram"
 
@@ -77,6 +82,7 @@ class Tangram(Policy):
         long: float = 20.0,
         wait: float = 0.5,
         overdue: float = 5.0,
+        grain: float = 4.0,
     ) -> None:
         if not 0.0 < share <= 1.0:
             raise ValueError("tangram: share must be in (0, 1]")
@@ -85,12 +91,16 @@ class Tangram(Policy):
         if not 0.0 <= overdue < math.inf:
             # No bound would let a stream of short actions starve a long one.
             raise ValueError("tangram: overdue must be finite and >= 0 (0: FCFS)")
+        if not 1.0 <= grain < math.inf:
+            raise ValueError("tangram: grain must be finite and >= 1 (1: exact durations)")
         self.share = share
         self.price = price
         self.boost = boost
         self.long = long
         self.wait = wait
         self.overdue = overdue
+        self.grain = grain
+        self._log_grain = math.log(grain)
         self.pools: Mapping[str, Manager] = {}
         self.queued: Mapping[str, int] = {}
         self.capacity: dict[str, int] = {}
@@ -115,6 +125,7 @@ class Tangram(Policy):
             "long": self.long,
             "wait": self.wait,
             "overdue": self.overdue,
+            "grain": self.grain,
         }
 
     def bind(self, pools: Mapping[str, Manager], queued: Mapping[str, int]) -> Tangram:
@@ -166,6 +177,15 @@ class Tangram(Policy):
         return self.paper is not None and self.paper.scope is not None and pool in self.paper.scope
 
     def expected(self, entry: Entry) -> float:
+        """The class of its expected duration: the largest power of ``grain`` not above
+        it (the duration itself for ``grain`` 1), so that FCFS orders near-equals."""
+        d = self._duration(entry)
+        if d <= 0.0 or self.grain == 1.0:
+            return d
+        # (the small term keeps an exact power, such as 4.0, in its own class)
+        return float(self.grain ** math.floor(math.log(d) / self._log_grain + 1e-9))
+
+    def _duration(self, entry: Entry) -> float:
         """Declared duration (at the minimum, for an elastic action), else the mean its
         kind was seen to take; 0 for a kind not seen yet (it goes first, and is
         measured soon), and for an action on a pool of GPU services."""
