@@ -80,7 +80,9 @@ def test_parse_policy_reads_paper_options():
 
 
 def test_parse_policy_reads_tangram_options():
-    p = parse_policy("tangram:share=0.5,price=0.3,boost=0,long=8,wait=1,overdue=0,grain=2")
+    p = parse_policy(
+        "tangram:share=0.5,price=0.3,boost=0,long=8,wait=1,overdue=0,grain=2,saturation=0.9"
+    )
     assert isinstance(p, Tangram)
     assert p.name == "tangram"
     assert p.settings() == {
@@ -91,6 +93,7 @@ def test_parse_policy_reads_tangram_options():
         "wait": 1.0,
         "overdue": 0.0,
         "grain": 2.0,
+        "saturation": 0.9,
     }
     d = parse_policy("tangram")
     assert isinstance(d, Tangram)
@@ -103,6 +106,7 @@ def test_parse_policy_reads_tangram_options():
         "wait": 0.5,
         "overdue": 5.0,
         "grain": 4.0,
+        "saturation": 0.8,
     }
 
 
@@ -128,6 +132,8 @@ def test_parse_policy_reads_tangram_options():
         ("tangram:overdue=inf", "overdue=F (seconds, finite, >= 0; 0: FCFS)"),
         ("tangram:grain=0.5", "grain=F (finite, >= 1)"),
         ("tangram:grain=inf", "grain=F (finite, >= 1)"),
+        ("tangram:saturation=1", "saturation=F (0 < F < 1)"),
+        ("tangram:saturation=0", "saturation=F (0 < F < 1)"),
         ("tangram:long=0.5", "long=F (>= 1)"),
     ],
 )

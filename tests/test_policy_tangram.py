@@ -37,8 +37,8 @@ def target(lam: float, w: float = 1.0, hi: int = 8, d1: float = 10.0) -> int:
     return min(costs, key=lambda m: costs[m])
 
 
-def lam(load: float, cap: int, price: float = 0.2) -> float:
-    rho = min(0.95, load / cap)
+def lam(load: float, cap: int, price: float = 0.2, saturation: float = 0.8) -> float:
+    rho = min(saturation, load / cap)
     return price * rho / (1 - rho) ** 2
 
 
@@ -54,7 +54,12 @@ def test_unit_price_follows_the_load(make_core):
     assert pol.unit_price("cpu") == pytest.approx(lam(3, 8))
     for i in range(30):
         core.submit(Action.build(f"q{i}", {"cpu": 1}, duration=5.0), 0.0)
-    assert pol.unit_price("cpu") == pytest.approx(lam(33, 8))  # capped at rho = 0.95
+    assert pol.unit_price("cpu") == pytest.approx(lam(33, 8))  # capped at rho = 0.8
+    assert pol.unit_price("cpu") == pytest.approx(0.2 * 0.8 / 0.2**2)
+    high = make_core(cpu(), policy="tangram:saturation=0.95", lease_ttl=1e9)
+    for i in range(33):
+        high.submit(Action.build(f"q{i}", {"cpu": 1}, duration=5.0), 0.0)
+    assert high.policy.unit_price("cpu") == pytest.approx(lam(33, 8, saturation=0.95))
 
 
 def test_a_lone_action_on_an_idle_node_takes_what_pays(make_core):
@@ -72,7 +77,9 @@ def test_a_loaded_pool_prices_units_out_of_reach(make_core):
     for a in actions:
         core.submit(a, 0.0)
     grants = core.schedule(0.0)
-    assert target(lam(24, 8)) == 1
+    # At the capped price the target is 2 cores: admitted on a quarter of it, one core,
+    # and none is left over for the arrangement to add.
+    assert target(lam(24, 8)) == 2
     # 24 waiting on 8 cores: every core goes to a different action, in FCFS order.
     assert [g.action.id for g in grants] == [a.id for a in actions[:8]]
     assert [g.lease.dop for g in grants] == [1] * 8

@@ -56,9 +56,10 @@ def _paper(arg: str) -> Policy:
 def _tangram(arg: str) -> Policy:
     usage = (
         "tangram takes share=F (0 < F <= 1), price=F, boost=F, wait=F (each >= 0), long=F"
-        " (>= 1), overdue=F (seconds, finite, >= 0; 0: FCFS) and grain=F (finite, >= 1)"
+        " (>= 1), overdue=F (seconds, finite, >= 0; 0: FCFS), grain=F (finite, >= 1) and"
+        " saturation=F (0 < F < 1)"
     )
-    keys = ("share", "price", "boost", "long", "wait", "overdue", "grain")
+    keys = ("share", "price", "boost", "long", "wait", "overdue", "grain", "saturation")
     opts = _options(arg, dict.fromkeys(keys, float), usage)
     try:
         return Tangram(**opts)
@@ -76,7 +77,7 @@ POLICIES: dict[str, Callable[[str], Policy]] = {
 
 
 def parse_policy(text: str) -> Policy:
-    """Parse ``tangram[:share=F,price=F,boost=F,long=F,wait=F,overdue=F,grain=F]``,
+    """Parse ``tangram[:share=F,price=F,boost=F,long=F,wait=F,overdue=F,grain=F,saturation=F]``,
     ``paper[:depth=N,lookahead=N]``, ``min`` or ``fixed:K``."""
     name, _, arg = text.strip().partition(":")
     factory = POLICIES.get(name)

@@ -8,7 +8,10 @@ of parallelism beats it (docs/benchmarks.md). This policy gives units a price in
 - **Price.** A unit-second held by one action is a unit-second others may wait for. Its
   price rises with the pool's load ``rho`` (actions running or queued there, counted
   once each, over its capacity) as ``lam = price * rho / (1 - rho)**2``: nearly nothing
-  on an idle pool, steep near saturation (the shape of a queue's marginal delay).
+  on an idle pool, steep near saturation (the shape of a queue's marginal delay). It
+  stops rising at ``rho = saturation``: that shape is an open queue's, whose arrivals
+  never end, while a pool's queue is a bounded set of trajectories; priced higher, long
+  actions on a saturated pool got one unit and set the step.
 - **Target.** An elastic action's target amount ``m`` minimises
   ``(w + lam * m) * d(m)``: its own time, weighted, plus the unit-seconds it holds,
   priced. The weight
@@ -35,7 +38,7 @@ of parallelism beats it (docs/benchmarks.md). This policy gives units a price in
 
 No waiting-queue estimate and no eviction loop: the price stands for the queue, so a
 round costs one DP per busy partition. Every constant is a setting
-(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5,overdue=5,grain=4``);
+(``tangram:share=0.25,price=0.2,boost=1,long=20,wait=0.5,overdue=5,grain=4,saturation=0.8``);
 docs/scheduling.md says how they were chosen and what was tried.
 """
 
@@ -56,9 +59,6 @@ if TYPE_CHECKING:
     from tangram.core.managers.base import Manager, Scratch
     from tangram.spec import Action, Lease
 
-# The load at which the price stops rising: past it a pool is saturated and every
-# elastic action gets about its minimum.
-RHO_MAX = 0.95
 # Weight of one new duration in a pool's typical one (a running geometric mean).
 TYPICAL_WEIGHT = 0.02
 
@@ -70,7 +70,7 @@ class Tangram(Policy):
     ``wait`` how much more; ``overdue``: seconds after which a queued action is walked
     in FCFS order, before the others, which are walked shortest first (0: FCFS);
     ``grain``: the factor between classes of expected duration in that walk (1: exact
-    durations)."""
+    durations); ``saturation``: the load past which the price stops rising."""
 
     name = "tangram"
 
@@ -83,6 +83,7 @@ class Tangram(Policy):
         wait: float = 0.5,
         overdue: float = 5.0,
         grain: float = 4.0,
+        saturation: float = 0.8,
     ) -> None:
         if not 0.0 < share <= 1.0:
             raise ValueError("tangram: share must be in (0, 1]")
@@ -93,6 +94,8 @@ class Tangram(Policy):
             raise ValueError("tangram: overdue must be finite and >= 0 (0: FCFS)")
         if not 1.0 <= grain < math.inf:
             raise ValueError("tangram: grain must be finite and >= 1 (1: exact durations)")
+        if not 0.0 < saturation < 1.0:
+            raise ValueError("tangram: saturation must be in (0, 1)")
         self.share = share
         self.price = price
         self.boost = boost
@@ -100,6 +103,7 @@ class Tangram(Policy):
         self.wait = wait
         self.overdue = overdue
         self.grain = grain
+        self.saturation = saturation
         self._log_grain = math.log(grain)
         self.pools: Mapping[str, Manager] = {}
         self.queued: Mapping[str, int] = {}
@@ -126,6 +130,7 @@ class Tangram(Policy):
             "wait": self.wait,
             "overdue": self.overdue,
             "grain": self.grain,
+            "saturation": self.saturation,
         }
 
     def bind(self, pools: Mapping[str, Manager], queued: Mapping[str, int]) -> Tangram:
@@ -149,11 +154,12 @@ class Tangram(Policy):
 
     # ------------------------------------------------------------------ the price
     def unit_price(self, pool: str) -> float:
-        """The price of a unit-second of ``pool`` now."""
+        """The price of a unit-second of ``pool`` now (rising until the load reaches
+        ``saturation``)."""
         cap = self.capacity.get(pool, 0)
         if cap <= 0 or self.price == 0.0:
             return 0.0
-        rho = min(RHO_MAX, (self.running[pool] + self.queued.get(pool, 0)) / cap)
+        rho = min(self.saturation, (self.running[pool] + self.queued.get(pool, 0)) / cap)
         return self.price * rho / (1.0 - rho) ** 2
 
     def weight(self, pool: str, d_min: float) -> float:
